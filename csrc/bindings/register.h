@@ -1,0 +1,12 @@
+// Registration hooks of the pybind11 modules: each op family binds its entry points in
+// its own file (cpu_losses.cpp, cpu_optim.cpp, cuda_losses.cpp, cuda_optim.cpp).
+// Bindings take raw pointers as uintptr_t and return error codes; they never see torch.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace fusedopt::bind {
+void register_cpu_losses(pybind11::module_& m);
+void register_cpu_optim(pybind11::module_& m);
+void register_cuda_losses(pybind11::module_& m);
+void register_cuda_optim(pybind11::module_& m);
+}  // namespace fusedopt::bind

@@ -1,0 +1,12 @@
+// Host-callable entry points of the CUDA kernels (csrc/cuda/*.cu). Torch-free: raw
+// pointers, sizes and a cudaStream_t in, cudaError_t out. Included by the bindings.
+#pragma once
+#include <cuda_runtime.h>
+
+namespace fusedopt::cuda {
+
+cudaError_t device_count(int* count);
+const char* error_string(int code);
+int runtime_version();
+
+}  // namespace fusedopt::cuda

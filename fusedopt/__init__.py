@@ -1,0 +1,11 @@
+"""fusedopt: fused Triton and CUDA C++ kernels for the PyTorch training step.
+
+Losses (``cross_entropy``, ``focal_loss``, ``sigmoid_focal_loss`` and their ``nn`` modules),
+multi-tensor optimizers (``optim.FusedAdam``, ``FusedAdamW``, ``FusedSGD``) and a
+device-side loss scaler (``amp.LossScaler``), each with ``triton``, ``cuda``, ``cpu`` and
+``torch`` backends.
+"""
+
+__version__ = "0.1.0"
+
+from fusedopt import backends  # noqa: E402

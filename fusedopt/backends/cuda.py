@@ -1,0 +1,50 @@
+"""The `cuda` backend: launchers of the CUDA C++ kernels in csrc/cuda (``fusedopt._cuda``).
+
+Tensors are marshalled into raw pointers and the current torch stream; ``cudaError_t``
+codes coming back are turned into RuntimeErrors.  Entry points follow the contracts of
+docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "cuda"
+
+try:
+    from fusedopt import _cuda
+except ImportError as exc:  # built without nvcc, or FUSEDOPT_BUILD_CUDA=0
+    _cuda = None
+    _IMPORT_ERROR = f"fusedopt._cuda is not built ({exc}); install with nvcc on PATH or CUDA_HOME set"
+else:
+    _IMPORT_ERROR = ""
+
+# ops whose kernels are bound in fusedopt._cuda
+OPS: frozenset[str] = frozenset()
+
+
+def status() -> tuple[bool, str]:
+    if _cuda is None:
+        return False, _IMPORT_ERROR
+    err, count = _cuda.device_count()
+    if err != 0:
+        return False, f"no usable CUDA driver/device ({_cuda.error_string(err)})"
+    if count == 0:
+        return False, "no CUDA device"
+    if not torch.cuda.is_available():
+        return False, "this torch build has no CUDA support"
+    return True, ""
+
+
+def supports(op: str, device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"the cuda backend runs on CUDA tensors, not {device.type}"
+    if op not in OPS:
+        return False, f"{op} has no cuda kernel yet"
+    return True, ""
+
+
+def check(err: int, what: str) -> None:
+    """Raise a RuntimeError for a non-zero cudaError_t returned by a kernel entry point."""
+    if err != 0:
+        raise RuntimeError(f"fusedopt cuda kernel {what} failed: {_cuda.error_string(err)} (code {err})")

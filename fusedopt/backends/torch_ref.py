@@ -1,0 +1,20 @@
+"""The `torch` backend: pure-PyTorch reference implementations of every op.
+
+Always available, on every device.  It is the fallback and the readable statement of the
+math; the kernels of the other backends are tested against PyTorch itself and against it.
+Entry points follow the contracts of docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "torch"
+
+
+def status() -> tuple[bool, str]:
+    return True, ""
+
+
+def supports(op: str, device: torch.device) -> tuple[bool, str]:
+    return True, ""

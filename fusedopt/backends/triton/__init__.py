@@ -1,0 +1,44 @@
+"""The `triton` backend: Triton kernels and their launchers, one file per op.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before
+fusedopt is imported (that is how the test suite exercises every kernel without a GPU).
+Entry points follow the contracts of docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+NAME = "triton"
+
+try:
+    import triton  # noqa: F401
+except ImportError as exc:
+    _IMPORT_ERROR = f"triton is not installed ({exc}); `pip install triton`"
+else:
+    _IMPORT_ERROR = ""
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ops with a Triton kernel
+OPS: frozenset[str] = frozenset()
+
+
+def status() -> tuple[bool, str]:
+    if _IMPORT_ERROR:
+        return False, _IMPORT_ERROR
+    if not (INTERPRET or torch.cuda.is_available()):
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+    return True, ""
+
+
+def supports(op: str, device: torch.device) -> tuple[bool, str]:
+    if device.type == "cpu" and not INTERPRET:
+        return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"Triton does not run on {device.type} tensors"
+    if op not in OPS:
+        return False, f"{op} has no Triton kernel yet"
+    return True, ""

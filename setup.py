@@ -1,0 +1,127 @@
+"""Build of the torch-free C++ extensions.
+
+* ``fusedopt._cpu``  -- csrc/cpu/*.cpp + csrc/bindings/cpu_*.cpp, built with the host
+  C++ compiler (OpenMP) everywhere.
+* ``fusedopt._cuda`` -- csrc/cuda/*.cu compiled by nvcc + csrc/bindings/cuda_*.cpp,
+  linked against the static CUDA runtime.  Built whenever nvcc is found (CUDA_HOME, PATH
+  or /usr/local/cuda); a compile error fails the install.  ``FUSEDOPT_BUILD_CUDA=0`` skips
+  it, ``FUSEDOPT_BUILD_CUDA=1`` makes a missing nvcc an error.
+  ``FUSEDOPT_CUDA_ARCHS`` (default ``80;90``) picks the SASS targets; PTX of the highest
+  one is embedded for newer GPUs.
+
+Neither extension includes a torch header, so torch is not a build requirement.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pybind11
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+INCLUDE = ["csrc/include", pybind11.get_include()]
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+
+
+def _rel(paths):
+    return sorted(str(p.relative_to(ROOT)) for p in paths)
+
+
+def find_cuda_home():
+    """The CUDA toolkit directory (holding bin/nvcc and include/cuda_runtime.h), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(str(Path(on_path).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for home in filter(None, candidates):
+        home = Path(home)
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
+
+
+def want_cuda():
+    flag = os.environ.get("FUSEDOPT_BUILD_CUDA", "").strip()
+    if flag == "0":
+        return None
+    home = find_cuda_home()
+    if flag == "1" and home is None:
+        raise RuntimeError("FUSEDOPT_BUILD_CUDA=1 but the CUDA toolkit was not found (set CUDA_HOME)")
+    return home
+
+
+class BuildExt(build_ext):
+    """build_ext that compiles the .cu sources of ``fusedopt._cuda`` with nvcc first."""
+
+    def build_extension(self, ext):
+        if getattr(ext, "cu_sources", None):
+            ext.extra_objects = self._nvcc_compile(ext) + list(ext.extra_objects or [])
+        super().build_extension(ext)
+
+    def _nvcc_compile(self, ext):
+        nvcc = ext.nvcc
+        archs = [a for a in os.environ.get("FUSEDOPT_CUDA_ARCHS", "80;90").split(";") if a]
+        gencode = []
+        for arch in archs:
+            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        out_dir = Path(self.build_temp) / "cuda"
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        def compile_one(src):
+            obj = out_dir / (Path(src).stem + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
+                   "-Xcompiler", "-fPIC", "-Icsrc/include", "--expt-relaxed-constexpr",
+                   "-lineinfo", *gencode]
+            print(" ".join(cmd), flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {src}:\n{proc.stdout}\n{proc.stderr}")
+            return str(obj)
+
+        jobs = max(1, int(os.environ.get("FUSEDOPT_BUILD_JOBS", os.cpu_count() or 1)))
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(compile_one, ext.cu_sources))
+
+
+def extensions():
+    exts = [
+        Extension(
+            "fusedopt._cpu",
+            sources=_rel((ROOT / "csrc" / "cpu").glob("*.cpp"))
+            + _rel((ROOT / "csrc" / "bindings").glob("cpu_*.cpp")),
+            include_dirs=INCLUDE,
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=["-fopenmp"],
+            language="c++",
+        )
+    ]
+    cuda_home = want_cuda()
+    if cuda_home:
+        lib = cuda_home / "lib64"
+        ext = Extension(
+            "fusedopt._cuda",
+            sources=_rel((ROOT / "csrc" / "bindings").glob("cuda_*.cpp")),
+            include_dirs=INCLUDE + [str(cuda_home / "include")],
+            extra_compile_args=CXX_FLAGS,
+            library_dirs=[str(lib)],
+            libraries=["cudart_static", "dl", "rt", "pthread"],
+            extra_link_args=["-fopenmp"],
+            language="c++",
+        )
+        ext.cu_sources = _rel((ROOT / "csrc" / "cuda").glob("*.cu"))
+        ext.nvcc = str(cuda_home / "bin" / "nvcc")
+        exts.append(ext)
+    else:
+        print("fusedopt: nvcc not found or FUSEDOPT_BUILD_CUDA=0: skipping fusedopt._cuda",
+              file=sys.stderr)
+    return exts
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
