@@ -18,3 +18,7 @@ def status() -> tuple[bool, str]:
 
 def supports(op: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
+
+
+from fusedopt.backends.torch_losses import *  # noqa: E402,F401,F403  (entry points in __all__)
+from fusedopt.backends.torch_optim import *  # noqa: E402,F401,F403

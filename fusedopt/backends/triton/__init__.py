@@ -17,13 +17,19 @@ try:
     import triton  # noqa: F401
 except ImportError as exc:
     _IMPORT_ERROR = f"triton is not installed ({exc}); `pip install triton`"
+    OPS: frozenset[str] = frozenset()
 else:
     _IMPORT_ERROR = ""
+    from fusedopt.backends.triton import cross_entropy as _cross_entropy
+    from fusedopt.backends.triton import focal as _focal
+    from fusedopt.backends.triton import optim as _optim
+    from fusedopt.backends.triton.cross_entropy import *  # noqa: F401,F403  (entry points in __all__)
+    from fusedopt.backends.triton.focal import *  # noqa: F401,F403
+    from fusedopt.backends.triton.optim import *  # noqa: F401,F403
+
+    OPS = _cross_entropy.OPS | _focal.OPS | _optim.OPS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# ops with a Triton kernel
-OPS: frozenset[str] = frozenset()
 
 
 def status() -> tuple[bool, str]:

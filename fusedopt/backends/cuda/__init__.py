@@ -19,8 +19,14 @@ except ImportError as exc:  # built without nvcc, or FUSEDOPT_BUILD_CUDA=0
 else:
     _IMPORT_ERROR = ""
 
-# ops whose kernels are bound in fusedopt._cuda
-OPS: frozenset[str] = frozenset()
+if _cuda is not None:
+    from fusedopt.backends.cuda import losses as _losses, optim as _optim
+    from fusedopt.backends.cuda.losses import *  # noqa: F401,F403  (entry points in __all__)
+    from fusedopt.backends.cuda.optim import *  # noqa: F401,F403
+
+    OPS: frozenset[str] = _losses.OPS | _optim.OPS
+else:
+    OPS = frozenset()
 
 
 def status() -> tuple[bool, str]:

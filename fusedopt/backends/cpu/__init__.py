@@ -18,8 +18,14 @@ except ImportError as exc:  # not built
 else:
     _IMPORT_ERROR = ""
 
-# ops whose kernels are bound in fusedopt._cpu
-OPS: frozenset[str] = frozenset()
+if _cpu is not None:
+    from fusedopt.backends.cpu import losses as _losses, optim as _optim
+    from fusedopt.backends.cpu.losses import *  # noqa: F401,F403  (entry points in __all__)
+    from fusedopt.backends.cpu.optim import *  # noqa: F401,F403
+
+    OPS: frozenset[str] = _losses.OPS | _optim.OPS
+else:
+    OPS = frozenset()
 
 
 def status() -> tuple[bool, str]:

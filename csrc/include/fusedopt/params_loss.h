@@ -1,0 +1,2 @@
+// Filled in by the op family that owns it; see math.h / params.h.
+#pragma once

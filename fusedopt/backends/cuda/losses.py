@@ -1,0 +1,6 @@
+"""Loss entry points of the `cuda` backend (contracts: docs/architecture.md)."""
+
+__all__: list[str] = []
+
+# ops implemented by this module
+OPS: frozenset[str] = frozenset()

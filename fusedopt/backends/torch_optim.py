@@ -1,0 +1,3 @@
+"""Pure-PyTorch optimizer entry points of the `torch` backend (contracts: docs/architecture.md)."""
+
+__all__: list[str] = []
