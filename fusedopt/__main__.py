@@ -1,0 +1,65 @@
+"""`python -m fusedopt info | demo | bench ...`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: python -m fusedopt {info,demo,bench} [options]
+
+  info    backends available here, versions, device
+  demo    train a small classifier on synthetic data with fusedopt (loss curve)
+  bench   side-by-side kernel benchmarks against PyTorch (see `bench --help`)
+"""
+
+
+def info() -> int:
+    import platform
+
+    import torch
+
+    import fusedopt
+    from fusedopt import backends
+
+    print(f"fusedopt {fusedopt.__version__}")
+    print(f"python   {platform.python_version()} ({platform.machine()})")
+    print(f"torch    {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton   {triton.__version__}")
+    except ImportError:
+        print("triton   not installed")
+    if torch.cuda.is_available():
+        print(f"device   {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    else:
+        print(f"device   CPU, {torch.get_num_threads()} threads (no CUDA device)")
+    print("backends:")
+    for name, (ok, reason) in backends.available().items():
+        print(f"  {name:<7} {'available' if ok else 'unavailable: ' + reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "info":
+        argparse.ArgumentParser(prog="python -m fusedopt info").parse_args(rest)
+        return info()
+    if command == "demo":
+        from fusedopt.demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "bench":
+        from fusedopt.bench.cli import main as bench_main
+
+        return bench_main(rest)
+    print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
