@@ -9,3 +9,4 @@ device-side loss scaler (``amp.LossScaler``), each with ``triton``, ``cuda``, ``
 __version__ = "0.1.0"
 
 from fusedopt import backends  # noqa: E402
+from fusedopt import amp, optim  # noqa: E402
