@@ -87,7 +87,7 @@ class FusedOptimizer(StateMixin, Optimizer):
         self._fo_epoch = 0
         self.last_grad_norm: torch.Tensor | None = None
         super().__init__(params, defaults)
-        first = self.param_groups[0]["params"][0] if self.param_groups[0]["params"] else None
+        first = next((p for g in self.param_groups for p in g["params"]), None)
         device = first.device if first is not None else torch.device("cpu")
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
 

@@ -1,0 +1,154 @@
+"""Bad arguments are refused at construction with messages naming the argument and value;
+sparse gradients are refused before anything changes; step() never syncs the host."""
+
+import pytest
+import torch
+
+import fusedopt as fo
+from conftest import HAS_CUDA
+from optim_helpers import make_grads, make_params, set_grads, snapshot, assert_bit_identical
+
+ADAM_CASES = [
+    (dict(lr=-1e-3), ValueError, r"lr: -0\.001"),
+    (dict(lr=torch.tensor(-0.5)), ValueError, r"lr: -0\.5"),
+    (dict(lr="fast"), TypeError, r"lr must be a number, got 'fast'"),
+    (dict(lr=torch.tensor([0.1, 0.2])), TypeError, r"lr as a tensor must have one"),
+    (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]: 1\.0"),
+    (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]: -0\.1"),
+    (dict(betas=0.9), TypeError, r"betas must be a pair"),
+    (dict(eps=-1e-8), ValueError, r"eps: -1e-08"),
+    (dict(weight_decay=-0.1), ValueError, r"weight_decay: -0\.1"),
+    (dict(max_grad_norm=0.0), ValueError, r"max_grad_norm: 0\.0"),
+    (dict(max_grad_norm=-1.0), ValueError, r"max_grad_norm: -1\.0"),
+    (dict(max_grad_norm=float("nan")), ValueError, r"max_grad_norm: nan"),
+    (dict(amsgrad=1), TypeError, r"amsgrad must be a bool, got 1"),
+    (dict(master_weights="yes"), TypeError, r"master_weights must be a bool"),
+    (dict(backend="gpu"), ValueError, r"unknown backend 'gpu'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", ADAM_CASES, ids=lambda x: str(x)[:40] if isinstance(x, dict) else "")
+@pytest.mark.parametrize("cls", [fo.optim.FusedAdam, fo.optim.FusedAdamW])
+def test_adam_arguments(cls, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        cls(make_params(), **kwargs)
+
+
+SGD_CASES = [
+    (dict(lr=-0.1), ValueError, r"lr: -0\.1"),
+    (dict(momentum=-0.9), ValueError, r"momentum: -0\.9"),
+    (dict(weight_decay=-1.0), ValueError, r"weight_decay: -1\.0"),
+    (dict(nesterov=True), ValueError, r"nesterov=True requires momentum > 0 and dampening == 0, got momentum=0\.0"),
+    (dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError, r"dampening=0\.1"),
+    (dict(dampening=float("inf")), ValueError, r"dampening: inf"),
+    (dict(max_grad_norm=0), ValueError, r"max_grad_norm: 0\.0"),
+    (dict(maximize=None), TypeError, r"maximize must be a bool"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", SGD_CASES, ids=lambda x: str(x)[:40] if isinstance(x, dict) else "")
+def test_sgd_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fo.optim.FusedSGD(make_params(), **kwargs)
+
+
+def test_group_overrides_are_checked_too():
+    ps = make_params()
+    with pytest.raises(ValueError, match=r"lr: -2\.0"):
+        fo.optim.FusedAdamW([{"params": ps[:2]}, {"params": ps[2:], "lr": -2.0}])
+    opt = fo.optim.FusedSGD(ps[:2], lr=0.1)
+    with pytest.raises(ValueError, match=r"momentum: -1\.0"):
+        opt.add_param_group({"params": ps[2:], "momentum": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_params_must_be_fp32_bf16_fp16_and_dense():
+    with pytest.raises(TypeError, match=r"dtype torch\.float64"):
+        fo.optim.FusedAdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
+    strided = torch.zeros(4, 6)[:, ::2].requires_grad_()
+    with pytest.raises(ValueError, match=r"strides \(6, 2\)"):
+        fo.optim.FusedSGD([strided])
+    opt = fo.optim.FusedSGD(make_params()[:1])
+    with pytest.raises(TypeError, match="float64"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+    channels_last = torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    fo.optim.FusedAdamW([channels_last])  # dense in another dim order: accepted
+
+
+def test_explicit_backend_that_cannot_run_names_it():
+    if HAS_CUDA:
+        pytest.skip("a CUDA device is present here: backend 'cuda' can run")
+    with pytest.raises(RuntimeError, match=r"'cuda'"):
+        fo.optim.FusedAdamW(make_params(), backend="cuda")
+
+
+def test_sparse_gradient_is_refused_before_anything_changes():
+    ps = make_params()
+    opt = fo.optim.FusedAdamW(ps, lr=1e-2, backend="torch")
+    set_grads(ps, make_grads(steps=1)[0])
+    opt.step()
+    set_grads(ps, make_grads(steps=1, seed=9)[0])
+    ps[2].grad = ps[2].grad.to_sparse()
+    before = snapshot(opt, ps)
+    with pytest.raises(TypeError, match="sparse gradients"):
+        opt.step()
+    assert_bit_identical(before, snapshot(opt, ps))
+
+
+def test_loss_scaler_arguments_and_misuse():
+    for kwargs, match in [(dict(init_scale=0.0), r"init_scale: 0\.0"),
+                          (dict(growth_factor=1.0), r"growth_factor: 1\.0"),
+                          (dict(backoff_factor=1.0), r"backoff_factor: 1\.0"),
+                          (dict(growth_interval=0), r"growth_interval: 0")]:
+        with pytest.raises(ValueError, match=match):
+            fo.amp.LossScaler(**kwargs)
+    scaler = fo.amp.LossScaler()
+    opt = fo.optim.FusedSGD(make_params(), backend="torch")
+    with pytest.raises(RuntimeError, match="before LossScaler.scale"):
+        scaler.step(opt)
+    scaler.scale(torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="without a LossScaler.step"):
+        scaler.update()
+
+
+class _HostSync(RuntimeError):
+    pass
+
+
+def _forbid_host_sync(monkeypatch):
+    """Make every Python-level read of a tensor value raise (construction may read)."""
+    def refuse(*args, **kwargs):
+        raise _HostSync("host read of a device value inside step()")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_step_never_reads_device_values(monkeypatch):
+    ps = make_params()
+    ps[1] = ps[1].detach().bfloat16().requires_grad_()
+    ps[3] = ps[3].detach().half().requires_grad_()
+    lr = torch.tensor(1e-2)
+    adam = fo.optim.FusedAdamW([{"params": ps[:2], "lr": lr}, {"params": ps[2:], "amsgrad": True}],
+                               betas=(torch.tensor(0.9), 0.99), max_grad_norm=1.0, skip_nonfinite=True,
+                               master_weights=True, backend="torch")
+    sgd_params = make_params(seed=4)
+    sgd = fo.optim.FusedSGD(sgd_params, lr=lr, momentum=0.9, nesterov=True, max_grad_norm=0.5,
+                            track_grad_norm=True, backend="torch")
+    scaler = fo.amp.LossScaler(init_scale=2.0**8, growth_interval=1)
+    _forbid_host_sync(monkeypatch)
+    for k, grads in enumerate(make_grads(steps=3)):
+        loss = scaler.scale(torch.tensor(1.0))
+        if k == 1:
+            grads[0][0, 0] = float("inf")
+        set_grads(ps, grads)
+        set_grads(sgd_params, grads)
+        scaler.step(adam)
+        scaler.step(sgd)
+        scaler.update()
+        adam.step()  # without a scaler, skip_nonfinite on
+        assert loss.dtype == torch.float32
+    monkeypatch.undo()
+    assert scaler.get_scale() == 2.0**9  # 2^8: grown, backed off, grown
+    assert adam.skipped_steps.item() == 2
