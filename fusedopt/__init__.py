@@ -10,3 +10,5 @@ __version__ = "0.1.0"
 
 from fusedopt import backends  # noqa: E402
 from fusedopt import amp, optim  # noqa: E402
+from fusedopt.functional import cross_entropy, focal_loss, sigmoid_focal_loss  # noqa: E402
+from fusedopt import nn  # noqa: E402

@@ -1,0 +1,159 @@
+"""Public loss functions: validate every argument, then call the op (fusedopt.ops).
+
+Every check of SPEC §3 that needs no device data happens here, before any kernel runs, and
+the error names the argument, its value and what was expected.  The one check that reads
+data -- class targets outside [0, C) -- runs inside the op right before the backend (for
+CPU tensors always, for CUDA tensors under FUSEDOPT_CHECK=1), so it also holds under
+torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fusedopt import backends, ops
+
+__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CLASS_TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_input(input):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"input must be float32, bfloat16 or float16, got {input.dtype}")
+
+
+def _check_same_device(input, name, tensor):
+    if tensor.device != input.device:
+        raise ValueError(f"input and {name} must be on the same device, got input on "
+                         f"{input.device} and {name} on {tensor.device}")
+
+
+def _check_number(name, value, *, low=None, high=None, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if math.isnan(value) or too_low or (high is not None and value > high):
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        raise ValueError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}")
+    return value
+
+
+def _check_common(reduction, label_smoothing, backend):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
+                         f"got {reduction!r}")
+    _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if backend is not None and backend not in backends.NAMES:
+        raise ValueError(f"unknown fusedopt backend {backend!r}; expected one of "
+                         f"{', '.join(backends.NAMES)} or None")
+
+
+def _check_classes(input, target, ignore_index, *, allow_soft):
+    """Check input/target of a class loss; returns True for a probability (soft) target."""
+    _check_input(input)
+    if input.dim() == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
+    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if n_classes == 0:
+        raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_same_device(input, "target", target)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    class_shape = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size()
+    if target.is_floating_point():
+        if allow_soft and target.shape == input.shape:
+            return True
+        if target.shape == class_shape:
+            raise TypeError(f"target of class indices must be int64, int32 or uint8, got "
+                            f"{target.dtype} (shape {tuple(target.shape)})"
+                            + ("; probability targets must have the input's shape "
+                               f"{tuple(input.shape)}" if allow_soft else ""))
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
+                         f"{tuple(input.shape)}: expected {tuple(class_shape)} (class indices)"
+                         + (f" or {tuple(input.shape)} (probabilities)" if allow_soft else ""))
+    if target.dtype not in _CLASS_TARGET_DTYPES:
+        raise TypeError(f"target of class indices must be int64, int32 or uint8, got {target.dtype}")
+    if target.shape != class_shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
+                         f"{tuple(input.shape)}: expected {tuple(class_shape)}")
+    return False
+
+
+def _check_class_vector(input, name, tensor):
+    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.shape != (n_classes,):
+        raise ValueError(f"{name} must have shape ({n_classes},) (one value per class of input "
+                         f"shape {tuple(input.shape)}), got {tuple(tensor.shape)}")
+    _check_same_device(input, name, tensor)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
+                  backend=None):
+    """Softmax cross-entropy, equal to torch.nn.functional.cross_entropy (value and gradient)
+    when z_loss=0 and softcap=None; see SPEC §1 for z_loss, softcap and inplace_backward."""
+    _check_common(reduction, label_smoothing, backend)
+    _check_classes(input, target, ignore_index, allow_soft=True)
+    if weight is not None:
+        _check_class_vector(input, "weight", weight)
+    _check_number("z_loss", z_loss, low=0.0)
+    if not math.isfinite(float(z_loss)):
+        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+    if softcap is not None:
+        _check_number("softcap", softcap, low=0.0, low_open=True)
+        if not math.isfinite(float(softcap)):
+            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    return ops.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                             z_loss, softcap, inplace_backward, backend)
+
+
+def focal_loss(input, target, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean",
+               label_smoothing=0.0, *, backend=None):
+    """Softmax focal loss -Σ_c α_c q_c (1-p_c)^γ log p_c per row (SPEC §1)."""
+    _check_common(reduction, label_smoothing, backend)
+    _check_classes(input, target, ignore_index, allow_soft=False)
+    _check_number("gamma", gamma, low=0.0)
+    if isinstance(alpha, torch.Tensor):
+        _check_class_vector(input, "alpha", alpha)
+    elif alpha is not None:
+        _check_number("alpha", alpha)
+    return ops.focal_loss(input, target, gamma, alpha, ignore_index, reduction,
+                          label_smoothing, backend)
+
+
+def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *,
+                       label_smoothing=0.0, backend=None):
+    """torchvision.ops.sigmoid_focal_loss (RetinaNet), with optional label smoothing."""
+    _check_common(reduction, label_smoothing, backend)
+    _check_input(input)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_same_device(input, "target", target)
+    if target.shape != input.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal input shape "
+                         f"{tuple(input.shape)}")
+    if not target.is_floating_point():
+        raise TypeError(f"target must be a floating-point tensor of 0/1 labels or "
+                        f"probabilities, got {target.dtype}")
+    _check_number("gamma", gamma, low=0.0)
+    _check_number("alpha", alpha)
+    return ops.sigmoid_focal_loss(input, target, alpha, gamma, reduction, label_smoothing,
+                                  backend)

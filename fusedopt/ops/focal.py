@@ -1,0 +1,92 @@
+"""Softmax (multi-class) focal loss as an autograd Function over a torch.library custom op.
+
+``fusedopt::focal_loss_fwd`` runs the backend's fused forward once: fp32 row losses
+``scale · (-Σ_c α_c q_c (1-p_c)^γ log p_c)`` and their gradient in the logits' dtype.
+``FocalLossFunction`` keeps the gradient and rescales it by grad_output in backward.
+``focal_loss`` below reshapes (C,) / (N, C, d1..dk) inputs to (M, C) rows, computes the
+'mean' scale (1 / non-ignored rows) on the device and reduces; arguments are validated by
+fusedopt.functional.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusedopt.ops import _common
+
+_F32 = torch.float32
+
+
+@torch.library.custom_op("fusedopt::focal_loss_fwd", mutates_args=())
+def focal_loss_fwd(logits: Tensor, target: Tensor, alpha: Optional[Tensor], scales: Tensor,
+                   gamma: float, ignore_index: int, label_smoothing: float, need_grad: bool,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """(row_loss fp32 (N,), grad (N, C) in the logits' dtype, or (0,) without need_grad)."""
+    impl = _common.backend_module("focal_loss", logits.device, backend)
+    _common.check_class_targets(target, logits.shape[1], ignore_index)
+    if logits.shape[0] == 0:
+        return logits.new_empty(0, dtype=_F32), logits.new_empty(logits.shape if need_grad else 0)
+    row_loss, grad = impl.focal_loss_fwd(
+        logits, target, alpha, scales, gamma=gamma, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, need_grad=need_grad)
+    return row_loss, grad.contiguous() if need_grad else logits.new_empty(0)
+
+
+@focal_loss_fwd.register_fake
+def _(logits, target, alpha, scales, gamma, ignore_index, label_smoothing, need_grad, backend):
+    row_loss = logits.new_empty(logits.shape[0], dtype=_F32)
+    return row_loss, logits.new_empty(logits.shape if need_grad else (0,))
+
+
+class FocalLossFunction(torch.autograd.Function):
+    """(M, C) logits -> fp32 row losses ('none') or their sum; gradient stored in forward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, alpha, scales, gamma, ignore_index, label_smoothing,
+                reduction, need_grad, backend):
+        row_loss, grad = torch.ops.fusedopt.focal_loss_fwd(
+            logits, target, alpha, scales, gamma, ignore_index, label_smoothing, need_grad,
+            backend)
+        ctx.per_row = reduction == "none"
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return row_loss if ctx.per_row else row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (_common.rescale(grad, grad_output, ctx.per_row, False),) + (None,) * 9
+
+
+def focal_loss(input, target, gamma, alpha, ignore_index, reduction, label_smoothing, backend):
+    """The loss for validated arguments (see fusedopt.functional.focal_loss)."""
+    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    logits = _common.as_rows(_common.to_rows(input))
+    target_rows = target.reshape(-1).contiguous()
+    if alpha is None:
+        alpha32 = None
+    elif isinstance(alpha, Tensor):
+        alpha32 = alpha.to(device=input.device, dtype=_F32).contiguous()
+    else:
+        alpha32 = torch.full((n_classes,), float(alpha), dtype=_F32, device=input.device)
+
+    n_valid = None
+    if reduction == "mean":
+        _, n_valid = _common.class_mean_denominators(target_rows, None, ignore_index, n_classes)
+        scales = torch.stack([torch.reciprocal(n_valid), torch.ones_like(n_valid)])
+    else:
+        scales = _common.unit_scales(input.device)
+
+    need_grad = input.requires_grad and torch.is_grad_enabled()
+    out = FocalLossFunction.apply(logits, target_rows, alpha32, scales, float(gamma),
+                                  ignore_index, float(label_smoothing), reduction, need_grad,
+                                  backend or "")
+    if reduction == "none":
+        shape = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ()
+        return out.reshape(shape).to(input.dtype)
+    if n_valid is not None:
+        out = _common.nan_if_zero(out, n_valid)
+    return out.to(input.dtype)

@@ -1,0 +1,79 @@
+"""Sigmoid (binary / multi-label) focal loss as an autograd Function over a custom op.
+
+``fusedopt::sigmoid_focal_loss_fwd`` runs the backend's fused elementwise forward once and
+returns the loss (per element in the logits' dtype, or the fp32 total when reducing) and the
+gradient, already multiplied by the 'mean' scale 1/numel.  The backend's partial sums are
+added inside the op, so the op's output shape never depends on the backend.
+``SigmoidFocalLossFunction`` keeps the gradient and rescales it by grad_output in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedopt.ops import _common
+
+_F32 = torch.float32
+
+
+@torch.library.custom_op("fusedopt::sigmoid_focal_loss_fwd", mutates_args=())
+def sigmoid_focal_loss_fwd(logits: Tensor, target: Tensor, scales: Tensor, alpha: float,
+                           gamma: float, label_smoothing: float, reduce: bool, need_grad: bool,
+                           backend: str) -> tuple[Tensor, Tensor]:
+    """(loss: logits' shape and dtype, or a 0-dim fp32 total with `reduce`; grad or (0,))."""
+    impl = _common.backend_module("sigmoid_focal_loss", logits.device, backend)
+    if logits.numel() == 0:
+        loss = logits.new_zeros((), dtype=_F32) if reduce else logits.new_empty(logits.shape)
+        return loss, logits.new_empty(logits.shape if need_grad else (0,))
+    loss, grad = impl.sigmoid_focal_loss_fwd(
+        logits, target, scales, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing,
+        reduce=reduce, need_grad=need_grad)
+    loss = loss.sum() if reduce else loss.reshape(logits.shape).contiguous()
+    grad = grad.reshape(logits.shape).contiguous() if need_grad else logits.new_empty(0)
+    return loss, grad
+
+
+@sigmoid_focal_loss_fwd.register_fake
+def _(logits, target, scales, alpha, gamma, label_smoothing, reduce, need_grad, backend):
+    loss = logits.new_empty((), dtype=_F32) if reduce else logits.new_empty(logits.shape)
+    return loss, logits.new_empty(logits.shape if need_grad else (0,))
+
+
+class SigmoidFocalLossFunction(torch.autograd.Function):
+    """Contiguous logits -> per-element loss ('none') or the fp32 total; gradient stored."""
+
+    @staticmethod
+    def forward(ctx, logits, target, scales, alpha, gamma, label_smoothing, reduction,
+                need_grad, backend):
+        loss, grad = torch.ops.fusedopt.sigmoid_focal_loss_fwd(
+            logits, target, scales, alpha, gamma, label_smoothing, reduction != "none",
+            need_grad, backend)
+        ctx.per_element = reduction == "none"
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (_common.rescale(grad, grad_output, ctx.per_element, False),) + (None,) * 8
+
+
+def sigmoid_focal_loss(input, target, alpha, gamma, reduction, label_smoothing, backend):
+    """The loss for validated arguments (see fusedopt.functional.sigmoid_focal_loss)."""
+    logits = input.contiguous()
+    target = target.to(input.dtype).contiguous()
+    n = logits.numel()
+    if reduction == "mean":
+        inv = float("inf") if n == 0 else 1.0 / n
+        scales = torch.tensor([inv, 1.0], dtype=_F32, device=input.device)
+    else:
+        scales = _common.unit_scales(input.device)
+    need_grad = input.requires_grad and torch.is_grad_enabled()
+    out = SigmoidFocalLossFunction.apply(logits, target, scales, float(alpha), float(gamma),
+                                         float(label_smoothing), reduction, need_grad,
+                                         backend or "")
+    if reduction == "mean" and n == 0:
+        out = out * float("nan")
+    return out.to(input.dtype)
