@@ -109,7 +109,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     """Softmax cross-entropy, equal to torch.nn.functional.cross_entropy (value and gradient)
     when z_loss=0 and softcap=None; see SPEC §1 for z_loss, softcap and inplace_backward."""
     _check_common(reduction, label_smoothing, backend)
-    _check_classes(input, target, ignore_index, allow_soft=True)
+    soft_target = _check_classes(input, target, ignore_index, allow_soft=True)
+    if soft_target and target.requires_grad and torch.is_grad_enabled():
+        raise ValueError("target: probability targets that require grad are not supported "
+                         "(no gradient flows to the target); pass target.detach()")
     if weight is not None:
         _check_class_vector(input, "weight", weight)
     _check_number("z_loss", z_loss, low=0.0)

@@ -196,6 +196,25 @@ def test_extreme_logits(backend):
         assert_close(grads_of(got, x), grads_of(want, x), what=f"grad {reduction}")
 
 
+def test_no_gradient_requested(backend, monkeypatch):
+    """Without requires_grad (or under no_grad) the backend is asked for no gradient."""
+    device = require_op(backend, OP)
+    x, y, w = make_inputs((5, C), device, ignore=True, weight=True)
+    module = fo.backends.select(OP, device, backend)
+    real, need = module.cross_entropy_fwd, []
+
+    def spy(*args, **kwargs):
+        need.append(kwargs["need_grad"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "cross_entropy_fwd", spy)
+    want = F.cross_entropy(x, y, w, label_smoothing=0.2)
+    with torch.no_grad():
+        assert_close(fo.cross_entropy(x, y, w, label_smoothing=0.2, backend=backend), want)
+    assert_close(fo.cross_entropy(x.detach(), y, w, label_smoothing=0.2, backend=backend), want)
+    assert need == [False, False]
+
+
 def test_deterministic(backend):
     device = require_op(backend, OP)
     x, y, w = make_inputs((8, 1000), device, dtype=torch.bfloat16, ignore=True, weight=True)
