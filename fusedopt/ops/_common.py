@@ -87,18 +87,45 @@ def nan_if_zero(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator == 0, torch.full_like(total, float("nan")), total)
 
 
-def rescale(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool, inplace: bool):
-    """Backward of a loss whose gradient was stored in forward: grad · grad_output.
+@torch.library.custom_op("fusedopt::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, op: str, backend: str) -> None:
+    """grad *= grad_output, in place.  A 0-dim fp32 grad_output goes to the backend's optional
+    ``scale_grad_(grad, scale)`` (which may skip the pass on the device when scale == 1);
+    otherwise, and for per-row / per-element grad_output, torch's in-place multiply."""
+    if grad_output.dim() == 0:
+        impl = backend_module(op, grad.device, backend)
+        scale = getattr(impl, "scale_grad_", None)
+        if scale is not None:
+            scale(grad, grad_output)
+            return
+    grad.mul_(grad_output)
+
+
+@scale_grad_.register_fake
+def _(grad, grad_output, op, backend):
+    return None
+
+
+def rescale(ctx, grad_output: torch.Tensor, per_row: bool, op: str, backend: str) -> torch.Tensor:
+    """Backward of a loss whose gradient was saved in forward: grad · grad_output, IN PLACE
+    in the stored gradient (no second N×C buffer, SPEC's O(rows) extra memory).
 
     A scalar grad_output multiplies in fp32 and rounds once; a per-row (or per-element)
-    grad_output is in the loss's dtype, which is the gradient's.  With `inplace` the
-    stored gradient (the logits' storage) is scaled in place."""
+    grad_output is in the loss's dtype, which is the gradient's.  The stored gradient is
+    consumed, so a second backward through the same loss is refused."""
+    if not torch.compiler.is_compiling():
+        if getattr(ctx, "grad_consumed", False):
+            raise RuntimeError(
+                f"fusedopt {op}: backward through the same loss a second time "
+                "(retain_graph=True) is not supported; the stored gradient was scaled in place "
+                "by the first backward -- compute the loss again")
+        ctx.grad_consumed = True
+    (grad,) = ctx.saved_tensors
     if per_row:
         g = grad_output.to(grad.dtype)
         if g.dim() == 1 and grad.dim() == 2:
             g = g[:, None]
     else:
         g = grad_output.to(_F32)
-    if inplace:
-        return grad.mul_(g)
-    return grad * g
+    torch.ops.fusedopt.scale_grad_(grad, g, op, backend)
+    return grad

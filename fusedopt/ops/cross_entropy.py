@@ -7,8 +7,8 @@ have fake implementations, so ``torch.compile(fullgraph=True)`` traces through t
 backend is chosen inside the op at run time from the name passed as a string ("" = the
 default for the device, honouring ``FUSEDOPT_BACKEND``).
 
-``CrossEntropyFunction`` keeps the gradient from forward; backward only rescales it by
-grad_output (a scalar, or one value per row for reduction='none').  ``cross_entropy``
+``CrossEntropyFunction`` keeps the gradient from forward; backward only rescales it, in
+place, by grad_output (a scalar, or one value per row for reduction='none').  ``cross_entropy``
 below does the layout work ((C,) and (N, C, d1..dk) inputs to (M, C) rows), computes the
 scales on the device and the final reduction; arguments are validated by
 fusedopt.functional before it is called.
@@ -92,15 +92,15 @@ class CrossEntropyFunction(torch.autograd.Function):
                 logits, target, weight, scales, ignore_index, label_smoothing, z_loss, softcap,
                 soft_target, need_grad, backend)
         ctx.per_row = reduction == "none"
-        ctx.inplace = bool(need_grad and inplace)
+        ctx.backend = backend
         if need_grad:
             ctx.save_for_backward(grad)
         return row_loss if ctx.per_row else row_loss.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        grad_logits = _common.rescale(grad, grad_output, ctx.per_row, ctx.inplace)
+        grad_logits = _common.rescale(ctx, grad_output, ctx.per_row, "cross_entropy",
+                                      ctx.backend)
         return (grad_logits,) + (None,) * 12
 
 

@@ -2,7 +2,7 @@
 
 ``fusedopt::focal_loss_fwd`` runs the backend's fused forward once: fp32 row losses
 ``scale · (-Σ_c α_c q_c (1-p_c)^γ log p_c)`` and their gradient in the logits' dtype.
-``FocalLossFunction`` keeps the gradient and rescales it by grad_output in backward.
+``FocalLossFunction`` keeps the gradient and rescales it in place by grad_output in backward.
 ``focal_loss`` below reshapes (C,) / (N, C, d1..dk) inputs to (M, C) rows, computes the
 'mean' scale (1 / non-ignored rows) on the device and reduces; arguments are validated by
 fusedopt.functional.
@@ -51,14 +51,16 @@ class FocalLossFunction(torch.autograd.Function):
             logits, target, alpha, scales, gamma, ignore_index, label_smoothing, need_grad,
             backend)
         ctx.per_row = reduction == "none"
+        ctx.backend = backend
         if need_grad:
             ctx.save_for_backward(grad)
         return row_loss if ctx.per_row else row_loss.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (_common.rescale(grad, grad_output, ctx.per_row, False),) + (None,) * 9
+        grad_logits = _common.rescale(ctx, grad_output, ctx.per_row, "focal_loss",
+                                      ctx.backend)
+        return (grad_logits,) + (None,) * 9
 
 
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction, label_smoothing, backend):

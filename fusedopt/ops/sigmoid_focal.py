@@ -4,7 +4,7 @@
 returns the loss (per element in the logits' dtype, or the fp32 total when reducing) and the
 gradient, already multiplied by the 'mean' scale 1/numel.  The backend's partial sums are
 added inside the op, so the op's output shape never depends on the backend.
-``SigmoidFocalLossFunction`` keeps the gradient and rescales it by grad_output in backward.
+``SigmoidFocalLossFunction`` keeps the gradient and rescales it in place by grad_output in backward.
 """
 
 from __future__ import annotations
@@ -50,14 +50,16 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
             logits, target, scales, alpha, gamma, label_smoothing, reduction != "none",
             need_grad, backend)
         ctx.per_element = reduction == "none"
+        ctx.backend = backend
         if need_grad:
             ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (_common.rescale(grad, grad_output, ctx.per_element, False),) + (None,) * 8
+        grad_logits = _common.rescale(ctx, grad_output, ctx.per_element,
+                                      "sigmoid_focal_loss", ctx.backend)
+        return (grad_logits,) + (None,) * 8
 
 
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction, label_smoothing, backend):

@@ -123,7 +123,21 @@ def test_inplace_backward(backend, dtype, reduction):
     got = fo.cross_entropy(logits, y, inplace_backward=True, **opts)
     assert_close(got, plain, rtol=0, atol=0, what="loss")
     assert torch.equal(buffer, stored), "forward did not write the gradient into the logits"
-    assert_close(grads_of(got, logits, g_out), want, rtol=0, atol=0, what="grad")
+    grad = grads_of(got, logits, g_out)
+    assert_close(grad, want, rtol=0, atol=0, what="grad")
+    assert torch.equal(buffer, grad), "backward did not scale the logits' buffer in place"
+
+
+@pytest.mark.parametrize("inplace", (False, True))
+def test_second_backward_is_refused(backend, inplace):
+    """backward scales the stored gradient in place (no second N x C buffer), so a second
+    backward through the same loss must fail loudly rather than give a wrong gradient."""
+    device = require_op(backend, OP)
+    x, y, _ = make_inputs((4, 6), device)
+    loss = fo.cross_entropy(x * 1.0, y, inplace_backward=inplace, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
 
 
 def test_inplace_backward_strided_rows(backend):
