@@ -89,10 +89,11 @@ def nan_if_zero(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fusedopt::scale_grad_", mutates_args=("grad",))
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, op: str, backend: str) -> None:
-    """grad *= grad_output, in place.  A 0-dim fp32 grad_output goes to the backend's optional
-    ``scale_grad_(grad, scale)`` (which may skip the pass on the device when scale == 1);
-    otherwise, and for per-row / per-element grad_output, torch's in-place multiply."""
-    if grad_output.dim() == 0:
+    """grad *= grad_output, in place.  A 0-dim fp32 grad_output and a contiguous grad go to
+    the backend's optional ``scale_grad_(grad, scale)`` (which may skip the pass on the
+    device when scale == 1); anything else (per-row / per-element grad_output, the strided
+    rows of inplace_backward) gets torch's in-place multiply."""
+    if grad_output.dim() == 0 and grad.is_contiguous():
         impl = backend_module(op, grad.device, backend)
         scale = getattr(impl, "scale_grad_", None)
         if scale is not None:

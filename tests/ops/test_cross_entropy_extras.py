@@ -153,3 +153,24 @@ def test_inplace_backward_strided_rows(backend):
     assert torch.equal(big[1::2], untouched[1::2]), "rows between the strided rows were touched"
     assert torch.equal(big[::2, 7:], untouched[::2, 7:]), "columns past C were touched"
     assert_close(grads_of(loss, view), want, what="grad")
+
+
+def test_backend_scale_grad_hook(backend, monkeypatch):
+    """A scalar grad_output reaches the backend's optional scale_grad_(grad, scale) as a
+    0-dim fp32 device tensor, with the stored (contiguous) gradient; the result is right."""
+    device = require_op(backend, OP)
+    module = fo.backends.select(OP, device, backend)
+    real = getattr(module, "scale_grad_", None)
+    calls = []
+
+    def spy(grad, scale):
+        calls.append((grad.shape, grad.is_contiguous(), scale.dim(), scale.dtype))
+        return real(grad, scale) if real is not None else grad.mul_(scale)
+
+    monkeypatch.setattr(module, "scale_grad_", spy, raising=False)
+    x, y, w = make_inputs((5, 9), device, ignore=True, weight=True)
+    loss = fo.cross_entropy(x, y, w, backend=backend)
+    got = grads_of(loss, x, torch.tensor(3.5, device=device))
+    want = grads_of(F.cross_entropy(x, y, w, ignore_index=IGNORE), x, torch.tensor(3.5, device=device))
+    assert calls == [((5, 9), True, 0, torch.float32)]
+    assert_close(got, want, what="grad")
