@@ -62,14 +62,15 @@ def _check_classes(input, target, ignore_index, *, allow_soft):
     """Check input/target of a class loss; returns True for a probability (soft) target."""
     _check_input(input)
     if input.dim() == 0:
-        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk), "
+                         "got a 0-dim tensor")
     n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     if n_classes == 0:
         raise ValueError(f"input must have at least one class, got shape {tuple(input.shape)}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     _check_same_device(input, "target", target)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     class_shape = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size()
     if target.is_floating_point():
@@ -84,7 +85,8 @@ def _check_classes(input, target, ignore_index, *, allow_soft):
                          f"{tuple(input.shape)}: expected {tuple(class_shape)} (class indices)"
                          + (f" or {tuple(input.shape)} (probabilities)" if allow_soft else ""))
     if target.dtype not in _CLASS_TARGET_DTYPES:
-        raise TypeError(f"target of class indices must be int64, int32 or uint8, got {target.dtype}")
+        raise TypeError(f"target of class indices must be int64, int32 or uint8, "
+                        f"got {target.dtype}")
     if target.shape != class_shape:
         raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
                          f"{tuple(input.shape)}: expected {tuple(class_shape)}")
@@ -124,8 +126,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             raise ValueError(f"softcap must be finite or None, got {softcap!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
-    return ops.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                             z_loss, softcap, inplace_backward, backend)
+    return ops.cross_entropy(input, target, weight, int(ignore_index), reduction,
+                             label_smoothing, z_loss, softcap, inplace_backward, backend)
 
 
 def focal_loss(input, target, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean",
@@ -138,7 +140,7 @@ def focal_loss(input, target, gamma=2.0, alpha=None, ignore_index=-100, reductio
         _check_class_vector(input, "alpha", alpha)
     elif alpha is not None:
         _check_number("alpha", alpha)
-    return ops.focal_loss(input, target, gamma, alpha, ignore_index, reduction,
+    return ops.focal_loss(input, target, gamma, alpha, int(ignore_index), reduction,
                           label_smoothing, backend)
 
 

@@ -15,7 +15,8 @@ class CrossEntropyLoss(torch.nn.Module):
                  z_loss=0.0, softcap=None, backend=None):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing = label_smoothing
         self.z_loss, self.softcap, self.backend = z_loss, softcap, backend
 
     def forward(self, input, target):

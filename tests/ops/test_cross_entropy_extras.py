@@ -21,7 +21,8 @@ def reference(x, y, weight, *, reduction, label_smoothing=0.0, z_loss=0.0, softc
     xc = softcap * torch.tanh(x / softcap) if softcap is not None else x
     lse = torch.logsumexp(xc, dim=1)
     log_p = xc - lse[:, None]
-    w = weight.to(x.dtype) if weight is not None else torch.ones(n_classes, dtype=x.dtype, device=x.device)
+    ones = torch.ones(n_classes, dtype=x.dtype, device=x.device)
+    w = ones if weight is None else weight.to(x.dtype)
     if y.is_floating_point():  # probabilities; no row ignored
         q = (1 - label_smoothing) * y.to(x.dtype) + label_smoothing / n_classes
         ce = -(w * q * log_p).sum(dim=1)
@@ -171,6 +172,7 @@ def test_backend_scale_grad_hook(backend, monkeypatch):
     x, y, w = make_inputs((5, 9), device, ignore=True, weight=True)
     loss = fo.cross_entropy(x, y, w, backend=backend)
     got = grads_of(loss, x, torch.tensor(3.5, device=device))
-    want = grads_of(F.cross_entropy(x, y, w, ignore_index=IGNORE), x, torch.tensor(3.5, device=device))
+    want = grads_of(F.cross_entropy(x, y, w, ignore_index=IGNORE), x,
+                    torch.tensor(3.5, device=device))
     assert calls == [((5, 9), True, 0, torch.float32)]
     assert_close(got, want, what="grad")

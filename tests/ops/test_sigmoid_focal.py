@@ -29,7 +29,8 @@ def reference(x, t, *, alpha=0.25, gamma=2.0, reduction="none", label_smoothing=
 def make(shape, device, dtype=torch.float32, *, soft=False, seed=0, scale=3.0):
     gen = torch.Generator().manual_seed(seed)
     x = (scale * torch.randn(shape, generator=gen)).to(dtype)
-    t = torch.rand(shape, generator=gen) if soft else (torch.rand(shape, generator=gen) < 0.3).float()
+    t = torch.rand(shape, generator=gen)
+    t = t if soft else (t < 0.3).float()
     return x.to(device).requires_grad_(), t.to(device, dtype)
 
 
