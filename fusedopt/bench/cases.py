@@ -1,0 +1,341 @@
+"""The benchmark cases, shared by `python -m fusedopt bench` and benchmarks/*.py.
+
+A `Case` is one op at one size and dtype on one device: how to make its inputs (shared by
+all its candidates), how many bytes one call moves (the op's byte model), and its
+`Candidate`s -- fusedopt on every backend usable here, and the baselines. A candidate's
+``build(inputs)`` returns a zero-argument callable that runs the op once (a loss
+forward+backward, or an optimizer step), or raises `Skip` with the reason.
+
+Byte models (bytes one call must move at least; GB/s = bytes / median time):
+* cross_entropy, focal_loss: 2 reads + 1 write of the logits = 3 * N * C * elem_size
+  (forward reads the logits, the fused pass writes the gradient, backward is free);
+* sigmoid_focal_loss: read logits and targets, write the gradient = 3 * numel * elem_size;
+* adam, adamw (fp32): read p, g, m, v and write p, m, v = 28 B/param;
+* sgd with momentum (fp32): read p, g, buf and write p, buf = 20 B/param;
+* adamw_amp_clip (fp32, loss scale + global-norm clip): 28 + 4 (g read again for the
+  norm) = 32 B/param;
+* step_host: host time of step() on 1,000 small tensors; no byte model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+
+import fusedopt
+from fusedopt import backends
+from fusedopt.bench import baselines as bl
+from fusedopt.bench.baselines import Skip
+from fusedopt.bench.timing import DEVICE_TIME, HOST_TIME, free_memory
+
+FUSEDOPT, BASELINE = "fusedopt", "baseline"
+
+LOSS_OPS = ("cross_entropy", "focal_loss", "sigmoid_focal_loss")
+OPTIM_OPS = ("adam", "adamw", "sgd", "adamw_amp_clip", "step_host")
+OPS = LOSS_OPS + OPTIM_OPS
+
+# The backend op (backends.OPS) each benchmark op runs on.
+BACKEND_OP = {"cross_entropy": "cross_entropy", "focal_loss": "focal_loss",
+              "sigmoid_focal_loss": "sigmoid_focal_loss", "adam": "adam", "adamw": "adam",
+              "sgd": "sgd", "adamw_amp_clip": "adam", "step_host": "adam"}
+
+LABEL_SMOOTHING = 0.1
+FOCAL_GAMMA, SIGMOID_ALPHA = 2.0, 0.25
+BYTES_PER_PARAM = {"adam": 28, "adamw": 28, "sgd": 20, "adamw_amp_clip": 32}
+
+# Sizes per device type and size set: loss shapes (rows, classes), loss dtype, optimizer
+# parameter count, number of tensors of the step_host model.
+SIZES = {
+    "cpu": {
+        "full": dict(loss=[(4096, 32000)], dtype=torch.float32, params=75_000_000, host_tensors=1000),
+        "quick": dict(loss=[(1024, 8000)], dtype=torch.float32, params=5_000_000, host_tensors=1000),
+        "tiny": dict(loss=[(64, 512)], dtype=torch.float32, params=100_000, host_tensors=100),
+    },
+    "cuda": {
+        "full": dict(loss=[(8192, 32768), (8192, 131072), (8192, 262144)], dtype=torch.bfloat16,
+                     params=1_000_000_000, host_tensors=1000),
+        "quick": dict(loss=[(8192, 32768)], dtype=torch.bfloat16, params=100_000_000, host_tensors=1000),
+        "tiny": dict(loss=[(256, 1000)], dtype=torch.bfloat16, params=100_000, host_tensors=100),
+    },
+}
+SIZE_SETS = ("full", "quick", "tiny")
+# Sigmoid focal (multi-label) materialises several full-size temporaries in eager mode:
+# its largest GPU shape is left out.
+SIGMOID_MAX_NUMEL = 8192 * 131072
+
+
+@dataclass
+class Candidate:
+    name: str                                    # "fusedopt[cpu]", "torch eager", ...
+    kind: str                                    # FUSEDOPT or BASELINE
+    build: Callable[[dict], Callable[[], object]]
+    backend: str | None = None                   # fusedopt backend name
+
+
+@dataclass
+class Case:
+    op: str
+    label: str                 # op plus its variant, e.g. "cross_entropy ls=0.1"
+    shape: str
+    dtype: torch.dtype
+    device: torch.device
+    bytes_per_run: int | None
+    byte_model: str
+    make_inputs: Callable[[], dict]
+    candidates: list[Candidate] = field(default_factory=list)
+    metric: str = DEVICE_TIME
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (candidate, reason)
+    notes: list[str] = field(default_factory=list)
+    _inputs: dict | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    @property
+    def group(self) -> str:
+        return f"{self.label} | {self.dtype_name} | {self.shape}"
+
+    @property
+    def ident(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.=]+", "-", f"{self.label}-{self.dtype_name}-{self.shape}").strip("-")
+
+    def inputs(self) -> dict:
+        if self._inputs is None:
+            self._inputs = self.make_inputs()
+        return self._inputs
+
+    def release(self) -> None:
+        self._inputs = None
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- fusedopt backends
+
+def fusedopt_backends(op: str, device: torch.device, only: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """(backends to benchmark, [(candidate, reason)] left out) for one op on ``device``."""
+    backend_op = BACKEND_OP[op]
+    names = backends.usable(backend_op, device)
+    left_out = []
+    if only is not None:
+        if only not in names:
+            try:
+                backends.select(backend_op, device, only)
+                reason = "cannot run here"
+            except (RuntimeError, ValueError) as exc:
+                reason = str(exc)
+            left_out.append((f"fusedopt[{only}]", reason))
+        names = [n for n in names if n == only]
+    if device.type == "cpu" and "triton" in names:
+        names.remove("triton")
+        left_out.append(("fusedopt[triton]", "TRITON_INTERPRET=1 on CPU is an interpreter; "
+                                             "its timings are meaningless, not benchmarked"))
+    return names, left_out
+
+
+# ----------------------------------------------------------------------------- losses
+
+_FO_LOSS = {
+    "cross_entropy": lambda ls: partial(fusedopt.cross_entropy, label_smoothing=ls),
+    "focal_loss": lambda ls: partial(fusedopt.focal_loss, gamma=FOCAL_GAMMA),
+    "sigmoid_focal_loss": lambda ls: partial(fusedopt.sigmoid_focal_loss, alpha=SIGMOID_ALPHA,
+                                             gamma=FOCAL_GAMMA, reduction="mean"),
+}
+_EAGER_LOSS = {
+    "cross_entropy": bl.cross_entropy_eager,
+    "focal_loss": lambda ls: bl.focal_eager(FOCAL_GAMMA),
+    "sigmoid_focal_loss": lambda ls: bl.sigmoid_focal_eager(SIGMOID_ALPHA, FOCAL_GAMMA),
+}
+
+
+def _loss_inputs(op, rows, classes, dtype, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(rows, classes, generator=gen, dtype=dtype, device=device).mul_(2)
+    logits.requires_grad_()
+    if op == "sigmoid_focal_loss":
+        target = (torch.rand(rows, classes, generator=gen, device=device) < 0.01).to(dtype)
+    else:
+        target = torch.randint(0, classes, (rows,), generator=gen, device=device)
+    return {"logits": logits, "target": target}
+
+
+def _fo_loss_build(op, ls, backend):
+    def build(inp):
+        fn = partial(_FO_LOSS[op](ls), backend=backend)
+        return bl.loss_step(fn, inp["logits"], inp["target"])
+    return build
+
+
+def _loss_case(op, ls, rows, classes, dtype, device, only, use_compile):
+    label = op if not ls else f"{op} ls={ls:g}"
+    elem = torch.tensor([], dtype=dtype).element_size()
+    model = ("read logits + targets, write grad: 3*numel*s" if op == "sigmoid_focal_loss"
+             else "2 reads + 1 write of the logits: 3*N*C*s")
+    case = Case(op, label, f"{rows}x{classes}", dtype, device, 3 * rows * classes * elem, model,
+                partial(_loss_inputs, op, rows, classes, dtype, device))
+    names, case.skipped = fusedopt_backends(op, device, only)
+    free = free_memory(device) if torch.cuda.is_available() else None
+    if free is not None and 8 * case.bytes_per_run // 3 > free:
+        case.notes.append(f"{case.group}: needs about 8x the logits' {case.bytes_per_run // 3 / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB free; not run")
+        return case
+    for name in names:
+        case.candidates.append(Candidate(f"fusedopt[{name}]", FUSEDOPT, _fo_loss_build(op, ls, name), name))
+    eager = _EAGER_LOSS[op](ls)
+    case.candidates.append(Candidate(
+        "torch eager", BASELINE, lambda inp: bl.loss_step(eager, inp["logits"], inp["target"])))
+    if use_compile:
+        case.candidates.append(Candidate(
+            "torch.compile", BASELINE, lambda inp: bl.compiled_loss_step(eager, inp["logits"], inp["target"])))
+    else:
+        case.skipped.append(("torch.compile", "disabled (--no-compile)"))
+    if op == "cross_entropy":
+        case.candidates.append(Candidate(
+            "liger", BASELINE, lambda inp: bl.liger_cross_entropy_step(inp["logits"], inp["target"], ls)))
+        case.candidates.append(Candidate(
+            "apex", BASELINE, lambda inp: bl.apex_cross_entropy_step(inp["logits"], inp["target"], ls)))
+    return case
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+def model_shapes(total: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a 12-layer transformer-like model of about ``total`` params:
+    per layer qkv, out, fc1, fc2 weights + biases and two layer norms (12 tensors), topped
+    up with an embedding table (d: the largest multiple of 8 that keeps the layers within the total)."""
+    layers = 12
+    d = max(8, int(math.sqrt(total / (12 * layers)) / 8) * 8)
+    layer = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,),
+             (d,), (d,), (d,), (d,)]
+    shapes = layer * layers
+    used = sum(math.prod(s) for s in shapes)
+    if total - used >= d:
+        shapes = [((total - used) // d, d)] + shapes
+    return shapes
+
+
+def host_model_shapes(count: int) -> list[tuple[int, ...]]:
+    """``count`` small tensors (256 to 4096 elements) for the step() host-time case."""
+    pattern = [(256,), (64, 64), (128, 32), (1024,), (32, 48)]
+    return [pattern[i % len(pattern)] for i in range(count)]
+
+
+def _optim_inputs(shapes, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.randn(shape, generator=gen, device=device).mul_(0.02).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen, device=device).mul_(1e-2)
+        params.append(p)
+    return {"params": params}
+
+
+def _fo_optimizer(kind, params, backend, **extra):
+    cls = {"adam": fusedopt.optim.FusedAdam, "adamw": fusedopt.optim.FusedAdamW,
+           "sgd": fusedopt.optim.FusedSGD}[kind]
+    return cls(params, **bl.OPTIMIZER_KWARGS[kind], backend=backend, **extra)
+
+
+def _fo_amp_clip_step(params, backend):
+    opt = _fo_optimizer("adamw", params, backend, max_grad_norm=bl.MAX_GRAD_NORM)
+    scaler = fusedopt.amp.LossScaler(**bl.SCALER_KWARGS)
+    scaler.scale(torch.ones((), device=params[0].device))  # creates the scale tensor
+
+    def run():
+        scaler.step(opt)
+        scaler.update()
+    return run
+
+
+def _optim_candidates(op, names, device):
+    kind = "adamw" if op in ("adamw_amp_clip", "step_host") else op
+    out = []
+    for name in names:
+        if op == "adamw_amp_clip":
+            build = (lambda b: lambda inp: _fo_amp_clip_step(inp["params"], b))(name)
+        else:
+            build = (lambda b: lambda inp: _fo_optimizer(kind, inp["params"], b).step)(name)
+        out.append(Candidate(f"fusedopt[{name}]", FUSEDOPT, build, name))
+    cls = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[kind]
+    for impl in ("foreach", "fused"):
+        if op == "adamw_amp_clip":
+            out.append(Candidate(f"torch amp+clip+AdamW({impl})", BASELINE,
+                                 (lambda i: lambda inp: bl.torch_amp_clip_step(inp["params"], i))(impl)))
+        else:
+            out.append(Candidate(f"torch {cls}({impl})", BASELINE,
+                                 (lambda i: lambda inp: bl.torch_optimizer_step(kind, inp["params"], i))(impl)))
+    if op in ("adam", "adamw", "sgd"):
+        out.append(Candidate("apex", BASELINE, lambda inp: bl.apex_optimizer_step(kind, inp["params"])))
+    return out
+
+
+def _fit_params(op, target, n_candidates, device):
+    """Shrink ``target`` so that shared p, g and every candidate's state fit in 80% of the
+    free GPU memory; returns (params, note or None)."""
+    free = free_memory(device) if torch.cuda.is_available() else None
+    if free is None:
+        return target, None
+    state = 4 if op == "sgd" else 8
+    per_param = 8 + n_candidates * (state + 8)   # p, g; per candidate: states + temporaries
+    fits = int(0.8 * free / per_param)
+    if fits >= target:
+        return target, None
+    return fits, (f"{op}: {target / 1e6:.0f}M params do not fit in {free / 2**30:.1f} GiB free "
+                  f"with {n_candidates} candidates; shrunk to {fits / 1e6:.0f}M")
+
+
+def _optim_case(op, size, device, only):
+    names, left_out = fusedopt_backends(op, device, only)
+    candidates = _optim_candidates(op, names, device)
+    if op == "step_host":
+        shapes = host_model_shapes(size["host_tensors"])
+        bytes_per_param, model, metric, note = None, "host time of step(); no byte model", HOST_TIME, None
+    else:
+        target, note = _fit_params(op, size["params"], len(candidates), device)
+        shapes = model_shapes(target)
+        bytes_per_param, metric = BYTES_PER_PARAM[op], DEVICE_TIME
+        model = {28: "read p,g,m,v + write p,m,v: 28 B/param",
+                 20: "read p,g,buf + write p,buf: 20 B/param",
+                 32: "g read twice (norm + update), p,m,v read+written: 32 B/param"}[bytes_per_param]
+    n_params = sum(math.prod(s) for s in shapes)
+    case = Case(op, op, f"{n_params / 1e6:.2f}M params in {len(shapes)} tensors", torch.float32, device,
+                None if bytes_per_param is None else bytes_per_param * n_params, model,
+                partial(_optim_inputs, shapes, device), candidates, metric, left_out)
+    if note:
+        case.notes.append(note)
+    return case
+
+
+# ----------------------------------------------------------------------------- all cases
+
+def build_cases(device: torch.device | str, sizes: str = "full", ops=None, backend: str | None = None,
+                use_compile: bool = True) -> list[Case]:
+    """Every case of ``ops`` (default: all of `OPS`) at size set ``sizes`` on ``device``."""
+    device = torch.device(device)
+    if sizes not in SIZE_SETS:
+        raise ValueError(f"sizes must be one of {', '.join(SIZE_SETS)}, got {sizes!r}")
+    ops = list(OPS if ops is None else ops)
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"unknown benchmark op(s) {', '.join(unknown)}; expected some of {', '.join(OPS)}")
+    size = SIZES["cuda" if device.type == "cuda" else "cpu"][sizes]
+    cases = []
+    for op in OPS:
+        if op not in ops:
+            continue
+        if op in LOSS_OPS:
+            for rows, classes in size["loss"]:
+                if op == "sigmoid_focal_loss" and rows * classes > SIGMOID_MAX_NUMEL:
+                    continue
+                smoothings = (0.0, LABEL_SMOOTHING) if op == "cross_entropy" else (0.0,)
+                for ls in smoothings:
+                    cases.append(_loss_case(op, ls, rows, classes, size["dtype"], device, backend, use_compile))
+        else:
+            cases.append(_optim_case(op, size, device, backend))
+    return cases
