@@ -31,7 +31,9 @@ def _documented(section: str) -> set[str]:
 def tiny_run(tmp_path_factory):
     """The whole command, as a user runs it, at tiny sizes on CPU."""
     out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "FUSEDOPT_BENCH_TINY": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # one thread: this checks what the command does, not how fast; two OpenMP threads on a
+    # 2-core machine shared with other work can stall each other for orders of magnitude
+    env = {**os.environ, "FUSEDOPT_BENCH_TINY": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, "-m", "fusedopt", "bench", "--json", str(out / "r.json"), "--plot", str(out / "p.png")],

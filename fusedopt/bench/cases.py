@@ -19,6 +19,7 @@ Byte models (bytes one call must move at least; GB/s = bytes / median time):
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -276,13 +277,13 @@ def _optim_candidates(op, names, device):
 
 
 def _fit_params(op, target, n_candidates, device):
-    """Shrink ``target`` so that shared p, g and every candidate's state fit in 80% of the
-    free GPU memory; returns (params, note or None)."""
+    """Shrink ``target`` so that the shared p and g, every candidate's state and the largest
+    step's temporaries fit in 80% of the free GPU memory; returns (params, note or None)."""
     free = free_memory(device) if torch.cuda.is_available() else None
     if free is None:
         return target, None
     state = 4 if op == "sgd" else 8
-    per_param = 8 + n_candidates * (state + 8)   # p, g; per candidate: states + temporaries
+    per_param = 8 + n_candidates * state + 8     # p, g; states; one step's temporaries
     fits = int(0.8 * free / per_param)
     if fits >= target:
         return target, None
@@ -297,7 +298,9 @@ def _optim_case(op, size, device, only):
         shapes = host_model_shapes(size["host_tensors"])
         bytes_per_param, model, metric, note = None, "host time of step(); no byte model", HOST_TIME, None
     else:
-        target, note = _fit_params(op, size["params"], len(candidates), device)
+        apex_missing = importlib.util.find_spec("apex") is None
+        holders = [c for c in candidates if not (c.name == "apex" and apex_missing)]
+        target, note = _fit_params(op, size["params"], len(holders), device)
         shapes = model_shapes(target)
         bytes_per_param, metric = BYTES_PER_PARAM[op], DEVICE_TIME
         model = {28: "read p,g,m,v + write p,m,v: 28 B/param",

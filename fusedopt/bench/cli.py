@@ -121,6 +121,10 @@ def run(args, argv, console) -> int:
     console.print(title)
 
     rows, skipped, errors, notes = [], [], [], []
+    load = _load_note()
+    if load:
+        notes.append(load)
+        console.print(f"[yellow]{load}[/yellow]")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("benchmarks", total=len(cases))
@@ -146,6 +150,19 @@ def run(args, argv, console) -> int:
     if args.plot:
         console.print(report.plot(args.plot, rows, title))
     return 1 if errors else 0
+
+
+def _load_note() -> str | None:
+    """A warning when the machine is already busy: other work skews CPU timings."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cpus = os.cpu_count() or 1
+    if load <= 0.5 * cpus:
+        return None
+    return (f"load average {load:.2f} on {cpus} CPUs at the start: other work is running, "
+            f"timings (CPU ones above all) may be disturbed")
 
 
 def _merge_skips(skipped: list[dict]) -> list[str]:

@@ -199,17 +199,22 @@ def plot(path: str, rows: list[Row], title: str) -> str:
     labels, values = zip(*bars)
     fig, ax = plt.subplots(figsize=(11, 0.8 + 0.32 * len(bars)))
     ypos = range(len(bars))
-    ax.barh(ypos, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    # bars grow from 1x, right for a speed-up, left for a slow-down, on a log axis
+    ax.barh(ypos, [v - 1.0 for v in values], left=1.0,
+            color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.set_xscale("log")
+    low, high = min(min(values), 1.0), max(max(values), 1.0)
+    ax.set_xlim(low / 1.6, high * 1.6)
     ax.set_yticks(list(ypos), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speed-up (baseline time / fusedopt time)")
+    ax.set_xlabel("speed-up (baseline time / fusedopt time), log scale")
     ax.set_title(title, fontsize=9)
     for y, v in zip(ypos, values):
         ax.text(v, y, f" {v:.2f}x", va="center", fontsize=7)
     fig.tight_layout()
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return f"plot written to {path}"
