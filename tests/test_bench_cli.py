@@ -215,3 +215,29 @@ def test_bad_arguments(capsys):
     if not torch.cuda.is_available():
         assert cli.main(["--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_spec_targets_are_checked_on_the_matching_rows(tiny_run):
+    def fake_case(label, candidates):
+        case = cases.Case(label, label, "8x8", torch.float32, torch.device("cpu"), 1000, "model", dict)
+        case.candidates = candidates
+        return case
+
+    adamw = fake_case("adamw", [cases.Candidate("fusedopt[cpu]", cases.FUSEDOPT, None, "cpu"),
+                                cases.Candidate("fusedopt[torch]", cases.FUSEDOPT, None, "torch"),
+                                cases.Candidate("torch AdamW(foreach)", cases.BASELINE, None)])
+    ms = {"fusedopt[cpu]": 1.0, "fusedopt[torch]": 0.5, "torch AdamW(foreach)": 6.0}
+    timings = {k: timing.Timing(v / 1e3, v / 1e3, v / 1e3, 3, 1) for k, v in ms.items()}
+    rows = report.make_rows(adamw, timings, {}, copy_bw=1e9)
+    ce = fake_case("cross_entropy", [cases.Candidate("fusedopt[cpu]", cases.FUSEDOPT, None, "cpu"),
+                                     cases.Candidate("torch eager", cases.BASELINE, None)])
+    timings = {"fusedopt[cpu]": timing.Timing(1e-3, 1e-3, 1e-3, 3, 1), "torch eager": timing.Timing(3e-3, 3e-3, 3e-3, 3, 1)}
+    rows += report.make_rows(ce, timings, {}, copy_bw=1e9)
+    found = report.targets(rows)
+    assert [(t["case"], t["candidate"], t["met"]) for t in found] == [
+        ("adamw", "fusedopt[cpu]", True), ("cross_entropy", "fusedopt[cpu]", False)]
+    assert found[0]["value"] == pytest.approx(6.0) and found[0]["goal"] == 5.0
+    assert found[1]["value"] == pytest.approx(3.0) and found[1]["goal"] == 4.0
+    _, doc, _ = tiny_run
+    for t in doc["targets"]:
+        assert t["met"] == (t["value"] >= t["goal"])

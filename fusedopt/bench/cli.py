@@ -138,6 +138,9 @@ def run(args, argv, console) -> int:
             progress.advance(task)
 
     report.print_tables(console, rows)
+    met = report.targets(rows)
+    if met:
+        console.print(report.targets_table(met))
     _print_list(console, "skipped", _merge_skips(skipped), "yellow")
     _print_list(console, "notes", notes, "cyan")
     _print_list(console, "errors", [f"{e['candidate']} ({e['case']}): {e['error']}" for e in errors], "red")

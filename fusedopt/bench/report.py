@@ -60,6 +60,55 @@ def make_rows(case, timings: dict, peaks: dict, copy_bw: float | None) -> list[R
     return rows
 
 
+# ----------------------------------------------------------------------------- SPEC §5 targets
+
+# (device type, case label, fusedopt backends, measure, baseline or None, goal, text)
+# measure "speedup": speed-up over the baseline; "pct_copy": % of copy bandwidth.
+TARGETS = [
+    ("cpu", "adamw", ("cpu",), "speedup", "torch AdamW(foreach)", 5.0, "AdamW step >= 5x AdamW(foreach)"),
+    ("cpu", "cross_entropy", ("cpu",), "speedup", "torch eager", 4.0, "cross-entropy fwd+bwd >= 4x torch"),
+    ("cuda", "cross_entropy", ("triton", "cuda"), "pct_copy", None, 85.0, "cross-entropy >= 85% of copy bandwidth"),
+    ("cuda", "cross_entropy", ("triton", "cuda"), "speedup", "torch eager", 2.5, "cross-entropy >= 2.5x torch eager"),
+    ("cuda", "cross_entropy", ("triton", "cuda"), "speedup", "torch.compile", 1.3, "cross-entropy >= 1.3x torch.compile"),
+    ("cuda", "cross_entropy", ("triton", "cuda"), "speedup", "liger", 1.1, "cross-entropy >= 1.1x Liger-Kernel"),
+    ("cuda", "adamw_amp_clip", ("triton", "cuda"), "pct_copy", None, 85.0,
+     "AdamW + unscale + clip >= 85% of copy bandwidth"),
+    ("cuda", "adamw_amp_clip", ("triton", "cuda"), "speedup", "torch amp+clip+AdamW(fused)", 1.4,
+     "AdamW + unscale + clip >= 1.4x the torch pipeline"),
+    ("cuda", "step_host", ("triton", "cuda"), "speedup", "torch AdamW(fused)", 1.0,
+     "step() host time <= AdamW(fused)"),
+]
+
+
+def targets(rows: list[Row]) -> list[dict]:
+    """SPEC §5 performance targets met or not, for every row they apply to."""
+    out = []
+    for device, case, backends_, measure, base, goal, text in TARGETS:
+        for row in rows:
+            if (row.device, row.case, row.kind) != (device, case, "fusedopt") or row.backend not in backends_:
+                continue
+            value = row.pct_copy_bw if measure == "pct_copy" else row.speedup.get(base)
+            if value is None:
+                continue
+            out.append({"target": text, "case": row.case, "shape": row.shape, "dtype": row.dtype,
+                        "candidate": row.candidate, "value": value, "goal": goal, "met": value >= goal})
+    return out
+
+
+def targets_table(results: list[dict]):
+    from rich.markup import escape
+    from rich.table import Table
+
+    tab = Table(title="[bold]SPEC §5 targets[/bold]", title_justify="left", header_style="bold")
+    for col in ("target", "shape", "candidate", "measured", "met"):
+        tab.add_column(col, overflow="fold")
+    for t in results:
+        unit = "%" if "%" in t["target"] else "x"
+        tab.add_row(t["target"], f"{t['shape']} {t['dtype']}", escape(t["candidate"]),
+                    f"{t['value']:.2f}{unit}", "[green]yes[/green]" if t["met"] else "[red]no[/red]")
+    return tab
+
+
 # ----------------------------------------------------------------------------- environment
 
 def cpu_name() -> str:
@@ -95,6 +144,7 @@ def environment(device: torch.device, copy_bw: float | None) -> tuple[dict, dict
 
 
 def document(argv, versions, device, settings: dict, rows, skipped, errors, notes) -> dict:
+    rows = list(rows)
     return {
         "schema": SCHEMA,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -103,6 +153,7 @@ def document(argv, versions, device, settings: dict, rows, skipped, errors, note
         "device": device,
         "settings": settings,
         "rows": [asdict(r) for r in rows],
+        "targets": targets(rows),
         "skipped": skipped,
         "errors": errors,
         "notes": notes,
