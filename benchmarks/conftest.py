@@ -43,13 +43,15 @@ def pytest_generate_tests(metafunc):
     params = []
     for device in (torch.device("cpu"), torch.device("cuda")):
         no_gpu = device.type == "cuda" and not torch.cuda.is_available()
-        device_marks = [pytest.mark.skip(reason="GPU case: needs a CUDA device, none here")] if no_gpu else []
+        no_gpu_skip = pytest.mark.skip(reason="GPU case: needs a CUDA device, none here")
+        device_marks = [no_gpu_skip] if no_gpu else []
         for case in bench_cases.build_cases(device, SIZES, metafunc.module.OPS):
             for cand in case.candidates:
                 params.append(pytest.param(case, cand, marks=device_marks,
                                            id=f"{device.type}-{case.ident}-{_ident(cand.name)}"))
             for name, reason in case.skipped:
-                params.append(pytest.param(case, None, marks=[pytest.mark.skip(reason=f"{name}: {reason}")],
+                skip = pytest.mark.skip(reason=f"{name}: {reason}")
+                params.append(pytest.param(case, None, marks=[skip],
                                            id=f"{device.type}-{case.ident}-{_ident(name)}"))
     metafunc.parametrize(("bench_case", "bench_candidate"), params)
 
@@ -89,9 +91,10 @@ def run_bench(_current_case):
         device = case.device
         benchmark.group = f"{case.group} | {device.type}"
         benchmark.extra_info.update(
-            op=case.op, case=case.label, shape=case.shape, dtype=case.dtype_name, device=device.type,
-            candidate=candidate.name, kind=candidate.kind, backend=candidate.backend,
-            metric=case.metric, bytes=case.bytes_per_run, byte_model=case.byte_model)
+            op=case.op, case=case.label, shape=case.shape, dtype=case.dtype_name,
+            device=device.type, candidate=candidate.name, kind=candidate.kind,
+            backend=candidate.backend, metric=case.metric, bytes=case.bytes_per_run,
+            byte_model=case.byte_model)
         if case.metric == HOST_TIME:  # time the call only; the device drains outside it
             benchmark.pedantic(fn, setup=lambda: synchronize(device), rounds=HOST_TIME_ROUNDS,
                                warmup_rounds=2)

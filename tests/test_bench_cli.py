@@ -33,10 +33,12 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # one thread: this checks what the command does, not how fast; two OpenMP threads on a
     # 2-core machine shared with other work can stall each other for orders of magnitude
-    env = {**os.environ, "FUSEDOPT_BENCH_TINY": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "FUSEDOPT_BENCH_TINY": "1", "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "fusedopt", "bench", "--json", str(out / "r.json"), "--plot", str(out / "p.png")],
+        [sys.executable, "-m", "fusedopt", "bench", "--json", str(out / "r.json"),
+         "--plot", str(out / "p.png")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     doc = json.loads((out / "r.json").read_text()) if (out / "r.json").exists() else None
     return proc, doc, out
@@ -46,7 +48,8 @@ def test_cli_runs_end_to_end_and_prints_the_table(tiny_run):
     proc, doc, _ = tiny_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
-    for header in ("candidate", "time", "GB/s", "% copy", "peak mem", "vs torch eager", "vs torch AdamW(fused)"):
+    for header in ("candidate", "time", "GB/s", "% copy", "peak mem", "vs torch eager",
+                   "vs torch AdamW(fused)"):
         assert header in text, header
     for op in cases.OPS:
         assert op in text, op
@@ -74,7 +77,8 @@ def test_json_rows_cover_every_op_with_fusedopt_and_baselines(tiny_run):
     _, doc, _ = tiny_run
     rows = doc["rows"]
     assert {r["op"] for r in rows} == set(cases.OPS)
-    assert {"cross_entropy", f"cross_entropy ls={cases.LABEL_SMOOTHING:g}"} <= {r["case"] for r in rows}
+    labels = {r["case"] for r in rows}
+    assert {"cross_entropy", f"cross_entropy ls={cases.LABEL_SMOOTHING:g}"} <= labels
     for op in cases.OPS:
         kinds = {r["kind"] for r in rows if r["op"] == op}
         assert kinds == {"fusedopt", "baseline"}, op
@@ -98,7 +102,8 @@ def test_json_numbers_are_consistent(tiny_run):
             continue
         assert row["gbps"] == pytest.approx(row["bytes"] / (row["time_ms"] / 1e3) / 1e9)
         assert row["pct_copy_bw"] == pytest.approx(100 * row["gbps"] / copy_gbs)
-        same_case = [r for r in doc["rows"] if (r["case"], r["shape"]) == (row["case"], row["shape"])]
+        key = (row["case"], row["shape"])
+        same_case = [r for r in doc["rows"] if (r["case"], r["shape"]) == key]
         baselines = {r["candidate"]: r["time_ms"] for r in same_case if r["kind"] == "baseline"}
         expected = {b: t / row["time_ms"] for b, t in baselines.items() if b != row["candidate"]}
         assert row["speedup"] == pytest.approx(expected)
@@ -109,7 +114,8 @@ def test_missing_libraries_are_skipped_with_a_reason(tiny_run):
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
-        assert any(s["candidate"] == "liger" and "not installed" in s["reason"] for s in doc["skipped"])
+        assert any(s["candidate"] == "liger" and "not installed" in s["reason"]
+                   for s in doc["skipped"])
         assert "liger" in proc.stdout and "not installed" in proc.stdout
     try:
         import matplotlib  # noqa: F401
@@ -182,8 +188,9 @@ def test_a_failing_candidate_is_reported_and_sets_the_exit_status(monkeypatch, t
         raise Skip("not here")
 
     def fake_cases(device, sizes, ops, backend, use_compile):
-        case = cases.Case("cross_entropy", "cross_entropy", "4x8", torch.float32, torch.device("cpu"),
-                          3 * 4 * 8 * 4, "model", lambda: {"x": torch.ones(4, 8)})
+        case = cases.Case("cross_entropy", "cross_entropy", "4x8", torch.float32,
+                          torch.device("cpu"), 3 * 4 * 8 * 4, "model",
+                          lambda: {"x": torch.ones(4, 8)})
         case.candidates = [cases.Candidate("fusedopt[torch]", cases.FUSEDOPT, broken, "torch"),
                            cases.Candidate("torch eager", cases.BASELINE, lambda inp: inp["x"].sum),
                            cases.Candidate("liger", cases.BASELINE, skipped)]
@@ -196,7 +203,8 @@ def test_a_failing_candidate_is_reported_and_sets_the_exit_status(monkeypatch, t
     assert [r["candidate"] for r in doc["rows"]] == ["torch eager"]
     assert doc["errors"][0]["candidate"] == "fusedopt[torch]"
     assert "kernel exploded" in doc["errors"][0]["error"]
-    assert doc["skipped"] == [{"case": "cross_entropy | float32 | 4x8", "candidate": "liger", "reason": "not here"}]
+    assert doc["skipped"] == [
+        {"case": "cross_entropy | float32 | 4x8", "candidate": "liger", "reason": "not here"}]
     assert "kernel exploded" in capsys.readouterr().out
 
 
@@ -219,7 +227,8 @@ def test_bad_arguments(capsys):
 
 def test_spec_targets_are_checked_on_the_matching_rows(tiny_run):
     def fake_case(label, candidates):
-        case = cases.Case(label, label, "8x8", torch.float32, torch.device("cpu"), 1000, "model", dict)
+        case = cases.Case(label, label, "8x8", torch.float32, torch.device("cpu"), 1000,
+                          "model", dict)
         case.candidates = candidates
         return case
 
@@ -231,7 +240,8 @@ def test_spec_targets_are_checked_on_the_matching_rows(tiny_run):
     rows = report.make_rows(adamw, timings, {}, copy_bw=1e9)
     ce = fake_case("cross_entropy", [cases.Candidate("fusedopt[cpu]", cases.FUSEDOPT, None, "cpu"),
                                      cases.Candidate("torch eager", cases.BASELINE, None)])
-    timings = {"fusedopt[cpu]": timing.Timing(1e-3, 1e-3, 1e-3, 3, 1), "torch eager": timing.Timing(3e-3, 3e-3, 3e-3, 3, 1)}
+    timings = {"fusedopt[cpu]": timing.Timing(1e-3, 1e-3, 1e-3, 3, 1),
+               "torch eager": timing.Timing(3e-3, 3e-3, 3e-3, 3, 1)}
     rows += report.make_rows(ce, timings, {}, copy_bw=1e9)
     found = report.targets(rows)
     assert [(t["case"], t["candidate"], t["met"]) for t in found] == [

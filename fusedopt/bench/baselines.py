@@ -132,7 +132,8 @@ def torch_optimizer(kind: str, params, impl: str) -> torch.optim.Optimizer:
         opt = cls(params, **OPTIMIZER_KWARGS[kind], **{impl: True})
         opt.step()
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise Skip(f"torch.optim.{cls.__name__}({impl}=True) cannot run here: {first_line(exc)}") from None
+        raise Skip(f"torch.optim.{cls.__name__}({impl}=True) cannot run here: "
+                   f"{first_line(exc)}") from None
     return opt
 
 
@@ -169,7 +170,8 @@ def apex_optimizer_step(kind: str, params):
         if kind == "sgd":
             opt = apex_optim.FusedSGD(params, **OPTIMIZER_KWARGS[kind])
         else:
-            opt = apex_optim.FusedAdam(params, adam_w_mode=(kind == "adamw"), **OPTIMIZER_KWARGS[kind])
+            opt = apex_optim.FusedAdam(params, adam_w_mode=(kind == "adamw"),
+                                       **OPTIMIZER_KWARGS[kind])
         opt.step()
     except Exception as exc:
         raise Skip(f"apex {kind} failed: {first_line(exc)}") from None

@@ -4,7 +4,7 @@ A `Case` is one op at one size and dtype on one device: how to make its inputs (
 all its candidates), how many bytes one call moves (the op's byte model), and its
 `Candidate`s -- fusedopt on every backend usable here, and the baselines. A candidate's
 ``build(inputs)`` returns a zero-argument callable that runs the op once (a loss
-forward+backward, or an optimizer step), or raises `Skip` with the reason.
+forward+backward, or an optimizer step), or raises `baselines.Skip` with the reason.
 
 Byte models (bytes one call must move at least; GB/s = bytes / median time):
 * cross_entropy, focal_loss: 2 reads + 1 write of the logits = 3 * N * C * elem_size
@@ -31,7 +31,6 @@ import torch
 import fusedopt
 from fusedopt import backends
 from fusedopt.bench import baselines as bl
-from fusedopt.bench.baselines import Skip
 from fusedopt.bench.timing import DEVICE_TIME, HOST_TIME, free_memory
 
 FUSEDOPT, BASELINE = "fusedopt", "baseline"
@@ -51,17 +50,18 @@ BYTES_PER_PARAM = {"adam": 28, "adamw": 28, "sgd": 20, "adamw_amp_clip": 32}
 
 # Sizes per device type and size set: loss shapes (rows, classes), loss dtype, optimizer
 # parameter count, number of tensors of the step_host model.
+_F32, _BF16 = torch.float32, torch.bfloat16
 SIZES = {
     "cpu": {
-        "full": dict(loss=[(4096, 32000)], dtype=torch.float32, params=75_000_000, host_tensors=1000),
-        "quick": dict(loss=[(1024, 8000)], dtype=torch.float32, params=5_000_000, host_tensors=1000),
-        "tiny": dict(loss=[(64, 512)], dtype=torch.float32, params=100_000, host_tensors=100),
+        "full": dict(loss=[(4096, 32000)], dtype=_F32, params=75_000_000, host_tensors=1000),
+        "quick": dict(loss=[(1024, 8000)], dtype=_F32, params=5_000_000, host_tensors=1000),
+        "tiny": dict(loss=[(64, 512)], dtype=_F32, params=100_000, host_tensors=100),
     },
     "cuda": {
-        "full": dict(loss=[(8192, 32768), (8192, 131072), (8192, 262144)], dtype=torch.bfloat16,
+        "full": dict(loss=[(8192, 32768), (8192, 131072), (8192, 262144)], dtype=_BF16,
                      params=1_000_000_000, host_tensors=1000),
-        "quick": dict(loss=[(8192, 32768)], dtype=torch.bfloat16, params=100_000_000, host_tensors=1000),
-        "tiny": dict(loss=[(256, 1000)], dtype=torch.bfloat16, params=100_000, host_tensors=100),
+        "quick": dict(loss=[(8192, 32768)], dtype=_BF16, params=100_000_000, host_tensors=1000),
+        "tiny": dict(loss=[(256, 1000)], dtype=_BF16, params=100_000, host_tensors=100),
     },
 }
 SIZE_SETS = ("full", "quick", "tiny")
@@ -104,7 +104,8 @@ class Case:
 
     @property
     def ident(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.=]+", "-", f"{self.label}-{self.dtype_name}-{self.shape}").strip("-")
+        text = f"{self.label}-{self.dtype_name}-{self.shape}"
+        return re.sub(r"[^A-Za-z0-9_.=]+", "-", text).strip("-")
 
     def inputs(self) -> dict:
         if self._inputs is None:
@@ -119,7 +120,8 @@ class Case:
 
 # ----------------------------------------------------------------------------- fusedopt backends
 
-def fusedopt_backends(op: str, device: torch.device, only: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+def fusedopt_backends(op: str, device: torch.device,
+                      only: str | None) -> tuple[list[str], list[tuple[str, str]]]:
     """(backends to benchmark, [(candidate, reason)] left out) for one op on ``device``."""
     backend_op = BACKEND_OP[op]
     names = backends.usable(backend_op, device)
@@ -183,24 +185,25 @@ def _loss_case(op, ls, rows, classes, dtype, device, only, use_compile):
     names, case.skipped = fusedopt_backends(op, device, only)
     free = free_memory(device) if torch.cuda.is_available() else None
     if free is not None and 8 * case.bytes_per_run // 3 > free:
-        case.notes.append(f"{case.group}: needs about 8x the logits' {case.bytes_per_run // 3 / 2**30:.1f} GiB, "
+        logits_gib = case.bytes_per_run // 3 / 2**30
+        case.notes.append(f"{case.group}: needs about 8x the logits' {logits_gib:.1f} GiB, "
                           f"{free / 2**30:.1f} GiB free; not run")
         return case
     for name in names:
-        case.candidates.append(Candidate(f"fusedopt[{name}]", FUSEDOPT, _fo_loss_build(op, ls, name), name))
+        case.candidates.append(Candidate(f"fusedopt[{name}]", FUSEDOPT,
+                                         _fo_loss_build(op, ls, name), name))
     eager = _EAGER_LOSS[op](ls)
-    case.candidates.append(Candidate(
-        "torch eager", BASELINE, lambda inp: bl.loss_step(eager, inp["logits"], inp["target"])))
+    baselines = {"torch eager": lambda x, t: bl.loss_step(eager, x, t)}
     if use_compile:
-        case.candidates.append(Candidate(
-            "torch.compile", BASELINE, lambda inp: bl.compiled_loss_step(eager, inp["logits"], inp["target"])))
+        baselines["torch.compile"] = lambda x, t: bl.compiled_loss_step(eager, x, t)
     else:
         case.skipped.append(("torch.compile", "disabled (--no-compile)"))
     if op == "cross_entropy":
+        baselines["liger"] = lambda x, t: bl.liger_cross_entropy_step(x, t, ls)
+        baselines["apex"] = lambda x, t: bl.apex_cross_entropy_step(x, t, ls)
+    for name, make in baselines.items():
         case.candidates.append(Candidate(
-            "liger", BASELINE, lambda inp: bl.liger_cross_entropy_step(inp["logits"], inp["target"], ls)))
-        case.candidates.append(Candidate(
-            "apex", BASELINE, lambda inp: bl.apex_cross_entropy_step(inp["logits"], inp["target"], ls)))
+            name, BASELINE, (lambda m: lambda inp: m(inp["logits"], inp["target"]))(make)))
     return case
 
 
@@ -209,7 +212,8 @@ def _loss_case(op, ls, rows, classes, dtype, device, only, use_compile):
 def model_shapes(total: int) -> list[tuple[int, ...]]:
     """Parameter shapes of a 12-layer transformer-like model of about ``total`` params:
     per layer qkv, out, fc1, fc2 weights + biases and two layer norms (12 tensors), topped
-    up with an embedding table (d: the largest multiple of 8 that keeps the layers within the total)."""
+    up with an embedding table (d: the largest multiple of 8 that keeps the layers within
+    the total)."""
     layers = 12
     d = max(8, int(math.sqrt(total / (12 * layers)) / 8) * 8)
     layer = [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,),
@@ -266,13 +270,15 @@ def _optim_candidates(op, names, device):
     cls = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[kind]
     for impl in ("foreach", "fused"):
         if op == "adamw_amp_clip":
-            out.append(Candidate(f"torch amp+clip+AdamW({impl})", BASELINE,
-                                 (lambda i: lambda inp: bl.torch_amp_clip_step(inp["params"], i))(impl)))
+            name = f"torch amp+clip+AdamW({impl})"
+            build = (lambda i: lambda inp: bl.torch_amp_clip_step(inp["params"], i))(impl)
         else:
-            out.append(Candidate(f"torch {cls}({impl})", BASELINE,
-                                 (lambda i: lambda inp: bl.torch_optimizer_step(kind, inp["params"], i))(impl)))
+            name = f"torch {cls}({impl})"
+            build = (lambda i: lambda inp: bl.torch_optimizer_step(kind, inp["params"], i))(impl)
+        out.append(Candidate(name, BASELINE, build))
     if op in ("adam", "adamw", "sgd"):
-        out.append(Candidate("apex", BASELINE, lambda inp: bl.apex_optimizer_step(kind, inp["params"])))
+        out.append(Candidate("apex", BASELINE,
+                             lambda inp: bl.apex_optimizer_step(kind, inp["params"])))
     return out
 
 
@@ -296,7 +302,8 @@ def _optim_case(op, size, device, only):
     candidates = _optim_candidates(op, names, device)
     if op == "step_host":
         shapes = host_model_shapes(size["host_tensors"])
-        bytes_per_param, model, metric, note = None, "host time of step(); no byte model", HOST_TIME, None
+        bytes_per_param, metric, note = None, HOST_TIME, None
+        model = "host time of step(); no byte model"
     else:
         apex_missing = importlib.util.find_spec("apex") is None
         holders = [c for c in candidates if not (c.name == "apex" and apex_missing)]
@@ -305,9 +312,11 @@ def _optim_case(op, size, device, only):
         bytes_per_param, metric = BYTES_PER_PARAM[op], DEVICE_TIME
         model = {28: "read p,g,m,v + write p,m,v: 28 B/param",
                  20: "read p,g,buf + write p,buf: 20 B/param",
-                 32: "g read twice (norm + update), p,m,v read+written: 32 B/param"}[bytes_per_param]
+                 32: "g read twice (norm + update), p,m,v read+written: 32 B/param",
+                 }[bytes_per_param]
     n_params = sum(math.prod(s) for s in shapes)
-    case = Case(op, op, f"{n_params / 1e6:.2f}M params in {len(shapes)} tensors", torch.float32, device,
+    shape = f"{n_params / 1e6:.2f}M params in {len(shapes)} tensors"
+    case = Case(op, op, shape, torch.float32, device,
                 None if bytes_per_param is None else bytes_per_param * n_params, model,
                 partial(_optim_inputs, shapes, device), candidates, metric, left_out)
     if note:
@@ -317,8 +326,8 @@ def _optim_case(op, size, device, only):
 
 # ----------------------------------------------------------------------------- all cases
 
-def build_cases(device: torch.device | str, sizes: str = "full", ops=None, backend: str | None = None,
-                use_compile: bool = True) -> list[Case]:
+def build_cases(device: torch.device | str, sizes: str = "full", ops=None,
+                backend: str | None = None, use_compile: bool = True) -> list[Case]:
     """Every case of ``ops`` (default: all of `OPS`) at size set ``sizes`` on ``device``."""
     device = torch.device(device)
     if sizes not in SIZE_SETS:
@@ -326,7 +335,8 @@ def build_cases(device: torch.device | str, sizes: str = "full", ops=None, backe
     ops = list(OPS if ops is None else ops)
     unknown = [op for op in ops if op not in OPS]
     if unknown:
-        raise ValueError(f"unknown benchmark op(s) {', '.join(unknown)}; expected some of {', '.join(OPS)}")
+        raise ValueError(f"unknown benchmark op(s) {', '.join(unknown)}; "
+                         f"expected some of {', '.join(OPS)}")
     size = SIZES["cuda" if device.type == "cuda" else "cpu"][sizes]
     cases = []
     for op in OPS:
@@ -338,7 +348,8 @@ def build_cases(device: torch.device | str, sizes: str = "full", ops=None, backe
                     continue
                 smoothings = (0.0, LABEL_SMOOTHING) if op == "cross_entropy" else (0.0,)
                 for ls in smoothings:
-                    cases.append(_loss_case(op, ls, rows, classes, size["dtype"], device, backend, use_compile))
+                    cases.append(_loss_case(op, ls, rows, classes, size["dtype"], device,
+                                            backend, use_compile))
         else:
             cases.append(_optim_case(op, size, device, backend))
     return cases

@@ -37,15 +37,19 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m fusedopt bench",
         description="Benchmark the fusedopt kernels on this device against PyTorch baselines "
                     "(see docs/benchmarks.md for the columns and byte models).")
-    p.add_argument("--quick", action="store_true", help="small sizes and few rounds (< 2 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and few rounds (< 2 min on 2 CPU cores)")
     p.add_argument("--op", action="append", metavar="NAME",
                    help=f"only these ops (repeat or comma-separate): {', '.join(cases_mod.OPS)}")
-    p.add_argument("--backend", choices=backends.NAMES, help="only this fusedopt backend (baselines still run)")
+    p.add_argument("--backend", choices=backends.NAMES,
+                   help="only this fusedopt backend (baselines still run)")
     p.add_argument("--json", metavar="PATH", help="write every result and the environment as JSON")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write a PNG bar chart of the speed-ups (needs matplotlib)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="device to benchmark (default: cuda when available, else cpu)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile baselines")
     # Size set override, for the tests (tiny sizes run in seconds); also FUSEDOPT_BENCH_TINY=1.
     p.add_argument("--sizes", choices=cases_mod.SIZE_SETS, help=argparse.SUPPRESS)
     return p
@@ -57,7 +61,8 @@ def _ops(values: list[str] | None) -> list[str] | None:
     ops = [name.strip() for value in values for name in value.split(",") if name.strip()]
     unknown = [op for op in ops if op not in cases_mod.OPS]
     if unknown:
-        raise ValueError(f"--op: unknown op(s) {', '.join(unknown)}; expected some of {', '.join(cases_mod.OPS)}")
+        raise ValueError(f"--op: unknown op(s) {', '.join(unknown)}; "
+                         f"expected some of {', '.join(cases_mod.OPS)}")
     return ops
 
 
@@ -94,7 +99,7 @@ def _run_case(case, device, settings, copy_bw, skipped, errors, progress, task):
             record_error(cand.name, exc)
     if not runnable:
         return []
-    progress.update(task, description=f"{case.label} {case.shape}: timing {len(runnable)} candidates")
+    progress.update(task, description=f"{case.label} {case.shape}: timing")
     try:
         timings = measure(runnable, device, metric=case.metric, settings=settings)
         peaks = {name: peak_memory(fn, device) for name, fn in runnable.items()}
@@ -107,13 +112,15 @@ def _run_case(case, device, settings, copy_bw, skipped, errors, progress, task):
 def run(args, argv, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    sizes = args.sizes or ("tiny" if os.environ.get(TINY_ENV) == "1" else "quick" if args.quick else "full")
+    sizes = args.sizes or ("tiny" if os.environ.get(TINY_ENV) == "1"
+                           else "quick" if args.quick else "full")
     device = _device(args.device)
     ops = _ops(args.op)
     settings = SETTINGS[sizes]
     cases = cases_mod.build_cases(device, sizes, ops, args.backend, use_compile=not args.no_compile)
 
-    console.print(f"[bold]fusedopt bench[/bold]: sizes {sizes!r} on {device.type}; measuring copy bandwidth ...")
+    console.print(f"[bold]fusedopt bench[/bold]: sizes {sizes!r} on {device.type}; "
+                  "measuring copy bandwidth ...")
     copy_bw = copy_bandwidth(device, COPY_BYTES[device.type][sizes], settings)
     versions, dev = report.environment(device, copy_bw)
     title = (f"fusedopt {versions['fusedopt']} on {dev['name']} ({dev['torch_threads']} threads), "
@@ -143,7 +150,8 @@ def run(args, argv, console) -> int:
         console.print(report.targets_table(met))
     _print_list(console, "skipped", _merge_skips(skipped), "yellow")
     _print_list(console, "notes", notes, "cyan")
-    _print_list(console, "errors", [f"{e['candidate']} ({e['case']}): {e['error']}" for e in errors], "red")
+    _print_list(console, "errors",
+                [f"{e['candidate']} ({e['case']}): {e['error']}" for e in errors], "red")
     if args.json:
         settings_doc = {"sizes": sizes, "ops": ops or list(cases_mod.OPS), "backend": args.backend,
                         "compile": not args.no_compile, **vars(settings)}
@@ -173,7 +181,8 @@ def _merge_skips(skipped: list[dict]) -> list[str]:
     merged: dict[tuple[str, str], int] = {}
     for s in skipped:
         merged[(s["candidate"], s["reason"])] = merged.get((s["candidate"], s["reason"]), 0) + 1
-    return [f"{cand}: {reason}" + (f" ({n} cases)" if n > 1 else "") for (cand, reason), n in merged.items()]
+    return [f"{cand}: {reason}" + (f" ({n} cases)" if n > 1 else "")
+            for (cand, reason), n in merged.items()]
 
 
 def _print_list(console, title: str, lines: list[str], color: str) -> None:

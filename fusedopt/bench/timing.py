@@ -71,7 +71,8 @@ def _sample(fn: Callable[[], object], runs: int, device: torch.device, metric: s
     return elapsed / runs
 
 
-def _calibrate(fn: Callable[[], object], device: torch.device, metric: str, settings: Settings) -> int:
+def _calibrate(fn: Callable[[], object], device: torch.device, metric: str,
+               settings: Settings) -> int:
     once = max(_sample(fn, 1, device, metric), 1e-9)
     runs = math.ceil(settings.target_sample_s / once)
     return int(min(max(runs, 1), settings.max_runs_per_sample))
