@@ -23,13 +23,13 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 #if defined(__CUDACC__)
 using bf16_t = __nv_bfloat16;
 using fp16_t = __half;
-FO_HD inline float to_float(float x) { return x; }
-FO_HD inline float to_float(bf16_t x) { return __bfloat162float(x); }
-FO_HD inline float to_float(fp16_t x) { return __half2float(x); }
-template <typename T> FO_HD inline T from_float(float x);
-template <> FO_HD inline float from_float<float>(float x) { return x; }
-template <> FO_HD inline bf16_t from_float<bf16_t>(float x) { return __float2bfloat16_rn(x); }
-template <> FO_HD inline fp16_t from_float<fp16_t>(float x) { return __float2half_rn(x); }
+FO_HD float to_float(float x) { return x; }
+FO_HD float to_float(bf16_t x) { return __bfloat162float(x); }
+FO_HD float to_float(fp16_t x) { return __half2float(x); }
+template <typename T> FO_HD T from_float(float x);
+template <> FO_HD float from_float<float>(float x) { return x; }
+template <> FO_HD bf16_t from_float<bf16_t>(float x) { return __float2bfloat16_rn(x); }
+template <> FO_HD fp16_t from_float<fp16_t>(float x) { return __float2half_rn(x); }
 #else
 struct bf16_t { uint16_t bits; };
 struct fp16_t { uint16_t bits; };
