@@ -25,7 +25,10 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 INCLUDE = ["csrc/include", pybind11.get_include()]
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+# -ffp-contract=off: only explicit fmaf calls fuse, so the kernels round the same way in
+# every ISA clone (csrc/cpu/multi_tensor_loop.h) and wherever they are built.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall",
+             "-Wno-unknown-pragmas"]
 
 
 def _rel(paths):

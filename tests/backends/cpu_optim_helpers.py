@@ -1,0 +1,124 @@
+"""Helpers of the cpu optimizer-kernel tests: buckets of params + fp32 states driven through
+the backend entry points directly, next to torch.optim references fed the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedopt import backends
+
+cpu = pytest.importorskip("fusedopt.backends.cpu")
+if "adam" not in cpu.OPS:
+    pytest.skip(f"the cpu backend cannot run here: {cpu.status()[1]}", allow_module_level=True)
+
+from fusedopt import _cpu  # noqa: E402  (built, checked above)
+from fusedopt.backends.cpu import optim  # noqa: E402
+
+F32 = torch.float32
+# a zero-size tensor, odd sizes, and one spanning several 65536-element chunks
+SHAPES = [(5, 7), (0,), (13,), (1,), (3, 4, 2), (65_536 * 2 + 17,)]
+
+
+def make_tensors(shapes, *, seed, dtype=F32, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=gen) * scale).to(dtype) for s in shapes]
+
+
+def grad_steps(shapes, steps, *, seed=1, dtype=F32, scale=1.0):
+    return [make_tensors(shapes, seed=seed + k, dtype=dtype, scale=scale) for k in range(steps)]
+
+
+class AdamBucket:
+    """Params + fp32 states of one bucket, stepped with the cpu backend's ``adam_step``."""
+
+    def __init__(self, params, *, amsgrad=False, master=False):
+        self.params = [p.clone() for p in params]
+        self.exp_avgs = [torch.zeros_like(p, dtype=F32) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p, dtype=F32) for p in params]
+        self.max_sqs = [torch.zeros_like(p, dtype=F32) for p in params] if amsgrad else None
+        self.masters = [p.float() for p in params] if master else None
+        self.steps = [torch.zeros((), dtype=F32) for _ in params]
+        self.amsgrad = amsgrad
+        self.cache: dict = {}
+
+    def step(self, grads, *, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+             decoupled=False, maximize=False, inv_scale=None, clip_coef=None, skip=None):
+        optim.adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_sqs,
+                        self.masters, self.steps, lr=lr, beta1=betas[0], beta2=betas[1],
+                        eps=eps, weight_decay=weight_decay, amsgrad=self.amsgrad,
+                        maximize=maximize, decoupled=decoupled, inv_scale=inv_scale,
+                        clip_coef=clip_coef, skip=skip, cache=self.cache)
+
+    def tensors(self):
+        out = self.params + self.exp_avgs + self.exp_avg_sqs + self.steps
+        return out + (self.max_sqs or []) + (self.masters or [])
+
+
+class SgdBucket:
+    """Params + momentum buffers + initialized flags, stepped with ``sgd_step``."""
+
+    def __init__(self, params, *, momentum=0.0, master=False):
+        self.params = [p.clone() for p in params]
+        self.buffers = [torch.zeros_like(p, dtype=F32) for p in params] if momentum else None
+        self.masters = [p.float() for p in params] if master else None
+        self.flags = [torch.zeros((), dtype=F32) for _ in params]
+        self.momentum = momentum
+        self.cache: dict = {}
+
+    def step(self, grads, *, lr=1e-2, dampening=0.0, weight_decay=0.0, nesterov=False,
+             maximize=False, inv_scale=None, clip_coef=None, skip=None):
+        optim.sgd_step(self.params, grads, self.buffers, self.masters, self.flags, lr=lr,
+                       momentum=self.momentum, dampening=dampening, weight_decay=weight_decay,
+                       nesterov=nesterov, maximize=maximize, inv_scale=inv_scale,
+                       clip_coef=clip_coef, skip=skip, cache=self.cache)
+
+    def tensors(self):
+        return self.params + (self.buffers or []) + (self.masters or []) + self.flags
+
+
+def torch_run(cls, params, grads_per_step, *, before_step=None, **kwargs):
+    """torch.optim ``cls`` (single-tensor path) over fp32/low-precision copies of ``params``."""
+    ref = [p.clone().requires_grad_() for p in params]
+    opt = cls(ref, foreach=False, **kwargs)
+    for grads in grads_per_step:
+        for r, g in zip(ref, grads):
+            r.grad = g.to(r.dtype).clone()
+        if before_step is not None:
+            before_step(ref)
+        opt.step()
+    return ref, opt
+
+
+def assert_close_list(actual, expected, *, rtol=2e-6, atol=1e-7, what="tensor"):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a.float(), e.detach().float(), rtol=rtol, atol=atol,
+                                   msg=lambda m, i=i: f"{what} {i}: {m}")
+
+
+def bits(tensors):
+    return [t.detach().clone().reshape(-1).view(torch.uint8) for t in tensors]
+
+
+def assert_same_bits(before, after):
+    for i, (b, a) in enumerate(zip(before, after)):
+        assert torch.equal(b, a.detach().reshape(-1).view(torch.uint8)), f"tensor {i} changed"
+
+
+def scalar(value):
+    return torch.tensor(value, dtype=F32)
+
+
+def with_threads(n, fn):
+    """Runs ``fn()`` with ``n`` OpenMP threads in the kernels, restoring the count after."""
+    before = _cpu.get_num_threads()
+    _cpu.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        _cpu.set_num_threads(before)
+
+
+__all__ = ["F32", "SHAPES", "AdamBucket", "SgdBucket", "assert_close_list", "assert_same_bits",
+           "backends", "bits", "cpu", "grad_steps", "make_tensors", "optim", "scalar",
+           "torch_run", "with_threads", "_cpu"]
