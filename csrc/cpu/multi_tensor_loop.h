@@ -5,7 +5,10 @@
 // inside a single parallel region; the launches need no barrier between them (`nowait`)
 // because no chunk reads what another chunk writes. Which thread runs a chunk never changes
 // a result: element-wise updates are independent, and reductions keep one partial per
-// chunk (see multi_tensor.h).
+// chunk (see multi_tensor.h). Plans of fewer than kParallelMinElements elements run on the
+// calling thread: waking the pool costs more than the work (about 1 ns per element).
+// The OpenMP runtime is the process's libgomp, which torch shares on Linux (same soname),
+// so torch.set_num_threads also sets the threads of these loops.
 //
 // FO_CPU_CLONES compiles an inner loop three times -- for the x86-64-v4 level (AVX-512
 // F/BW/DQ/VL), the x86-64-v3 level (AVX2 + FMA + F16C) and baseline x86-64 -- and picks one
@@ -30,11 +33,13 @@
 
 namespace fusedopt::cpu {
 
+constexpr int64_t kParallelMinElements = int64_t(1) << 17;
+
 // Calls body(tensor, chunk, start, length) for every chunk of `plan`, in parallel.
 template <typename Body>
 void for_each_chunk(const MultiTensorPlan& plan, const int64_t* numel, const Body& body) {
-  const int64_t total = plan.num_chunks();
-#pragma omp parallel if (total > 1)
+  const bool parallel = plan.num_chunks() > 1 && plan.total_elements >= kParallelMinElements;
+#pragma omp parallel if (parallel)
   for (const LaunchRange& launch : plan.launches) {
 #pragma omp for schedule(static) nowait
     for (int64_t c = launch.chunk_begin; c < launch.chunk_end; ++c) {

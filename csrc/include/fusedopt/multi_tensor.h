@@ -34,6 +34,7 @@ struct LaunchRange {
 
 struct MultiTensorPlan {
   int64_t chunk_size = 0;
+  int64_t total_elements = 0;  // over all tensors
   std::vector<int32_t> slot_tensor;
   std::vector<int32_t> chunk_slot;
   std::vector<int64_t> chunk_start;
@@ -59,12 +60,14 @@ inline int make_multi_tensor_plan(const int64_t* numel, int64_t num_tensors,
   if (chunk_size <= 0 || max_tensors < 1 || max_chunks < 1 || num_tensors < 0 ||
       num_tensors > INT32_MAX)
     return kOptimBadArgument;
-  int64_t total_chunks = 0;
+  int64_t total_chunks = 0, total_elements = 0;
   for (int64_t t = 0; t < num_tensors; ++t) {
     if (numel[t] < 0) return kOptimBadArgument;
     total_chunks += (numel[t] + chunk_size - 1) / chunk_size;
+    total_elements += numel[t];
   }
   plan->chunk_size = chunk_size;
+  plan->total_elements = total_elements;
   plan->slot_tensor.clear();
   plan->chunk_slot.clear();
   plan->chunk_start.clear();
