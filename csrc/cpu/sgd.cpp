@@ -21,19 +21,31 @@
 namespace fusedopt::cpu {
 namespace {
 
-template <typename T, bool kL2, bool kMomentum, bool kNesterov, bool kMaster>
-FO_CPU_CLONES void sgd_chunk(T* __restrict param, const T* __restrict grad,
-                             float* __restrict buffer, float* __restrict master, int64_t n,
-                             bool first, const SgdCoefs c, const GradTransform gt) {
+// The element loop; kFirst: the momentum buffer holds no value yet (it is only written).
+template <typename T, bool kL2, bool kMomentum, bool kNesterov, bool kMaster, bool kFirst>
+inline __attribute__((always_inline)) void sgd_loop(T* __restrict param, const T* __restrict grad,
+                                                    float* __restrict buffer,
+                                                    float* __restrict master, int64_t n,
+                                                    const SgdCoefs c, const GradTransform gt) {
   for (int64_t i = 0; i < n; ++i) {
     float p = kMaster ? master[i] : to_float(param[i]);
     const float g = used_grad(to_float(grad[i]), gt);
-    float buf = (kMomentum && !first) ? buffer[i] : 0.0f;
-    sgd_math<kL2, kMomentum, kNesterov>(p, g, buf, first, c);
+    float buf = (kMomentum && !kFirst) ? buffer[i] : 0.0f;
+    sgd_math<kL2, kMomentum, kNesterov>(p, g, buf, kFirst, c);
     if (kMomentum) buffer[i] = buf;
     if (kMaster) master[i] = p;
     param[i] = from_float<T>(p);
   }
+}
+
+template <typename T, bool kL2, bool kMomentum, bool kNesterov, bool kMaster>
+FO_CPU_CLONES void sgd_chunk(T* __restrict param, const T* __restrict grad,
+                             float* __restrict buffer, float* __restrict master, int64_t n,
+                             bool first, const SgdCoefs c, const GradTransform gt) {
+  if (kMomentum && first)
+    sgd_loop<T, kL2, kMomentum, kNesterov, kMaster, true>(param, grad, buffer, master, n, c, gt);
+  else
+    sgd_loop<T, kL2, kMomentum, kNesterov, kMaster, false>(param, grad, buffer, master, n, c, gt);
 }
 
 template <typename T, bool kL2, bool kMomentum, bool kNesterov, bool kMaster>
@@ -70,7 +82,8 @@ int sgd_step(const SgdTensors& t, const SgdParams& p, const MultiTensorPlan& pla
   FO_DTYPE_SWITCH(t.dtype, T, [&] {
     FO_BOOL_SWITCH(p.weight_decay != 0.0, kL2, [&] {
       FO_BOOL_SWITCH(with_momentum, kMomentum, [&] {
-        FO_BOOL_SWITCH(with_momentum && p.nesterov, kNesterov, [&] {
+        FO_BOOL_SWITCH(with_momentum && p.nesterov, kNesterovFlag, [&] {
+          constexpr bool kNesterov = kMomentum && kNesterovFlag;  // no dead instantiations
           FO_BOOL_SWITCH(t.master != nullptr, kMaster, [&] {
             run_sgd<T, kL2, kMomentum, kNesterov, kMaster>(t, plan, first, c, gt);
           });

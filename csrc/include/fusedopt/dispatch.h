@@ -40,16 +40,18 @@ inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); ret
 inline float to_float(float x) { return x; }
 inline float to_float(bf16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
 inline float to_float(fp16_t x) {
-  // IEEE binary16 -> binary32, exact (normals, subnormals, inf, NaN).
+  // IEEE binary16 -> binary32, exact (normals, subnormals, inf, NaN). Branch-free (masks,
+  // no float subnormal operands) so that loops over it vectorise.
   const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
-  const uint32_t exp = (x.bits >> 10) & 0x1fu;
-  const uint32_t man = x.bits & 0x3ffu;
-  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
-  if (exp == 0) {
-    const float mag = float(man) * 5.9604644775390625e-8f;  // man * 2^-24
-    return sign ? -mag : mag;
-  }
-  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+  const uint32_t em = x.bits & 0x7fffu;                         // exponent and mantissa
+  const uint32_t normal = (em << 13) + (112u << 23);             // rebias 15 -> 127
+  const uint32_t inf_nan = 0x7f800000u | (em << 13);
+  const uint32_t subnormal =
+      float_to_bits(float(int32_t(em)) * 5.9604644775390625e-8f);  // em * 2^-24
+  const uint32_t is_sub = 0u - uint32_t(em < 0x400u);            // all ones: subnormal or zero
+  const uint32_t is_top = 0u - uint32_t(em >= 0x7c00u);          // all ones: inf or NaN
+  const uint32_t mag = (subnormal & is_sub) | (inf_nan & is_top) | (normal & ~(is_sub | is_top));
+  return bits_to_float(sign | mag);
 }
 
 template <typename T> inline T from_float(float x);
@@ -61,22 +63,22 @@ template <> inline bf16_t from_float<bf16_t>(float x) {
   return bf16_t{uint16_t(u >> 16)};
 }
 template <> inline fp16_t from_float<fp16_t>(float x) {
-  // binary32 -> binary16, round to nearest even, overflow to inf.
+  // binary32 -> binary16, round to nearest even, overflow to inf, NaN -> quiet NaN.
+  // Branch-free (masks) so that loops over it vectorise.
   const uint32_t u = float_to_bits(x);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
-  const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return fp16_t{uint16_t(sign | 0x7e00u)};
-  if (abs >= 0x477ff000u) return fp16_t{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520
-  if (abs < 0x38800000u) {                                           // subnormal or zero
-    const float mag = bits_to_float(abs) * 16777216.0f;              // * 2^24, exact
-    uint32_t q = uint32_t(mag);
-    const float rem = mag - float(q);
-    if (rem > 0.5f || (rem == 0.5f && (q & 1u))) ++q;
-    return fp16_t{uint16_t(sign | q)};
-  }
-  uint32_t h = ((abs >> 13) - (112u << 10));
-  const uint32_t rest = abs & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // normal halves: rebias, round the 13 dropped bits to nearest even (a carry may bump
+  // the exponent, which is right)
+  const uint32_t normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  // below 2^-14: adding 0.5 rounds |x| to a multiple of 2^-24 (the ulp of 0.5), to nearest
+  // even in the default rounding mode
+  const uint32_t subnormal = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
+  const uint32_t is_sub = 0u - uint32_t(a < 0x38800000u);
+  const uint32_t is_big = 0u - uint32_t(a >= 0x477ff000u);  // rounds to >= 65520: inf
+  const uint32_t is_nan = 0u - uint32_t(a > 0x7f800000u);
+  const uint32_t finite = (subnormal & is_sub) | (normal & ~is_sub);
+  const uint32_t h = (0x7e00u & is_nan) | (0x7c00u & is_big & ~is_nan) | (finite & ~is_big);
   return fp16_t{uint16_t(sign | h)};
 }
 #endif

@@ -35,7 +35,7 @@ namespace fusedopt {
 // reproduced exactly: fma(w, d, start) when |w| < 0.5, else fma(w - 1, d, end).
 struct LerpWeight {
   float coef;   // w, or w - 1 (formed in fp32)
-  bool small;   // |w| < 0.5: anchored at the start
+  int small;    // |w| < 0.5: anchored at the start (an int: a 4-byte flag vectorises)
 };
 
 FO_HD LerpWeight make_lerp_weight(double weight) {
