@@ -43,7 +43,8 @@ def test_adam_matches_torch_over_steps(variant):
     assert_close_list(ours.params, ref, what="param")
     for i, r in enumerate(ref):
         st = ref_opt.state[r]
-        assert_close_list([ours.exp_avgs[i], ours.exp_avg_sqs[i]], [st["exp_avg"], st["exp_avg_sq"]])
+        assert_close_list([ours.exp_avgs[i], ours.exp_avg_sqs[i]],
+                          [st["exp_avg"], st["exp_avg_sq"]])
         if kw["amsgrad"]:
             assert_close_list([ours.max_sqs[i]], [st["max_exp_avg_sq"]])
         assert ours.steps[i].item() == 5.0  # zero-size tensors count their steps too
@@ -204,7 +205,7 @@ def test_first_sgd_step_after_a_skip_is_a_true_first_step():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("master", [False, True], ids=["no_master", "master"])
-@pytest.mark.parametrize("which", ["adamw", "sgd"])
+@pytest.mark.parametrize("which", ["adamw", "adam_amsgrad", "sgd"])
 def test_low_precision_params_vs_fp32_reference(dtype, master, which):
     """Our error against an fp32 torch run is at most ~2x torch's own error in ``dtype``;
     with masters, the master equals the fp32 run."""
@@ -215,11 +216,17 @@ def test_low_precision_params_vs_fp32_reference(dtype, master, which):
         cls, kw = torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)
         ours = AdamBucket(params, master=master)
         step_kw = dict(decoupled=True, weight_decay=0.1)
+    elif which == "adam_amsgrad":
+        # eps representable in fp16 (torch's own fp16 run divides by zero with eps=1e-8)
+        cls, kw = torch.optim.Adam, dict(lr=1e-2, eps=1e-4, weight_decay=0.1, amsgrad=True)
+        ours = AdamBucket(params, master=master, amsgrad=True)
+        step_kw = dict(eps=1e-4, weight_decay=0.1)
     else:
         cls, kw = torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.1)
         ours = SgdBucket(params, momentum=0.9, master=master)
         step_kw = dict(lr=0.05, weight_decay=0.1)
-    ref, _ = torch_run(cls, [p.float() for p in params], [[g.float() for g in gs] for gs in grads], **kw)
+    fp32_grads = [[g.float() for g in gs] for gs in grads]
+    ref, _ = torch_run(cls, [p.float() for p in params], fp32_grads, **kw)
     low, _ = torch_run(cls, params, grads, **kw)
     for g in grads:
         ours.step(g, **step_kw)
