@@ -30,7 +30,7 @@ HOST_TIME = "host_time"
 
 @dataclass(frozen=True)
 class Settings:
-    warmup: int = 3             # untimed calls per candidate before calibration
+    warmup: int = 3             # untimed calls per candidate (fewer once they take budget_s / 2)
     rounds: int = 20            # at most this many round-robin rounds
     min_rounds: int = 3         # at least this many, whatever the budget
     budget_s: float = 20.0      # stop adding rounds once a case has run this long
@@ -86,10 +86,14 @@ def measure(candidates: dict[str, Callable[[], object]], device: torch.device, *
     Exceptions raised by a candidate propagate: the caller runs each candidate once
     before (see `first_call`) so that a broken candidate is reported, not timed."""
     names = list(candidates)
-    for name in names:
+    warmup_budget = settings.budget_s / (2 * len(names))
+    for name in names:  # fewer warm-up calls than asked when calls are slow
+        t0 = time.perf_counter()
         for _ in range(settings.warmup):
             candidates[name]()
-        synchronize(device)
+            synchronize(device)
+            if time.perf_counter() - t0 > warmup_budget:
+                break
     runs = {name: _calibrate(candidates[name], device, metric, settings) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
     t_start = time.perf_counter()
