@@ -18,10 +18,12 @@ install-test: $(PY)
 	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install ".[test]"
 
+# run from inside the venv folder: `python -m` puts the working directory first on sys.path,
+# and from the checkout it would import the unbuilt source tree instead of the installed package
 demo: install
-	$(PY) -m fusedopt info
-	$(PY) -m fusedopt demo
-	$(PY) -m fusedopt bench --quick
+	cd $(VENV) && bin/python -m fusedopt info
+	cd $(VENV) && bin/python -m fusedopt demo
+	cd $(VENV) && bin/python -m fusedopt bench --quick
 
 test: install-test
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
