@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parent
 INCLUDE = ["csrc/include", pybind11.get_include()]
 # -ffp-contract=off: only explicit fmaf calls fuse, so the kernels round the same way in
 # every ISA clone (csrc/cpu/multi_tensor_loop.h) and wherever they are built.
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall",
-             "-Wno-unknown-pragmas"]
+# -fno-trapping-math: no code looks at floating-point exception flags, so g++ may compute
+# both sides of a select (the loss math's branch-free selects, math_loss.h) and vectorise.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 
 
 def _rel(paths):

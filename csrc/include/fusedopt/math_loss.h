@@ -7,6 +7,8 @@
 //     scalar expf does not vectorise without -ffast-math). Measured error over every
 //     97th float: exp 1.3 ulp (0 below 2^-125), log 1, expm1 2.2, log1p 2.5, tanh 3 (the CUDA C functions: 1-2).
 // fexp / flog / fexpm1 / flog1p / ftanh pick the form; the helpers below use only those.
+// The polynomials use no FMA (the build has -ffp-contract=off), so every ISA clone of a
+// CPU kernel rounds alike: the same bits on any x86-64 machine.
 // Selects are written "compute both, then pick" (no arithmetic inside a ?: arm), so that
 // g++ turns them into blends instead of masked, exception-preserving code.
 //
@@ -61,12 +63,11 @@ FO_LOSS_HD uint32_t float_as_bits(float f) {
 // relative) times 2^(n-1) built from the bits of the rounded sum (normal for every n in
 // [-125, 128], so no second scaling is needed up to the overflow to inf). Results below
 // 2^-125 (x < -86.5) are flushed to 0, -inf gives 0, NaN propagates.
-FO_LOSS_HD float exp_poly(float x) {
-  const float xc = x > 89.0f ? 89.0f : x;
+FO_LOSS_HD float exp_core(float x) {
   const float kRound = 12582912.0f;  // 1.5 * 2^23
-  const float t = xc * 1.44269504088896341f + kRound;
+  const float t = x * 1.44269504088896341f + kRound;
   const float n = t - kRound;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
   float p = 3.96825396825396825e-4f;
   p = p * r + 2.77777777777777778e-3f;
   p = p * r + 1.66666666666666667e-2f;
@@ -77,8 +78,26 @@ FO_LOSS_HD float exp_poly(float x) {
   p = p * r + 2.0f;
   // bits(t) = bits(1.5 * 2^23) + n, whose low 23 bits are zero: the shift leaves n + 126.
   const float half_scale = bits_as_float((float_as_bits(t) + 126u) << 23);
-  const float result = p * half_scale;
-  return x < -86.5f ? 0.0f : result;
+  // x < -86.5 (and -inf) -> 0 by a bit mask, NaN kept: an integer select keeps g++ from
+  // threading a constant 0 into the caller's code (which can stop its vectorisation).
+  const uint32_t keep = x < -86.5f ? 0u : 0xffffffffu;
+  return bits_as_float(float_as_bits(p * half_scale) & keep);
+}
+
+// e^x for x <= 0 (or NaN): the softmax exponentials, whose arguments are shifted by the
+// row max. No overflow clamp needed.
+FO_LOSS_HD float exp_nonpos(float x) { return exp_core(x); }
+
+// e^x for any x. Arguments above 89 are clamped (still overflowing to inf) by an integer
+// min on the bits -- positive floats order like their bits, negative ones stay negative
+// -- rather than a select of a constant, which g++ would thread into the caller; a NaN
+// argument is passed through at the end.
+FO_LOSS_HD float exp_poly(float x) {
+  const int32_t bits = int32_t(float_as_bits(x));
+  const int32_t limit = 0x42b20000;  // 89.0f
+  const float clamped = bits_as_float(uint32_t(bits < limit ? bits : limit));
+  const float result = exp_core(clamped);
+  return x != x ? x : result;
 }
 
 // log x: x = 2^e m with m in [sqrt(1/2), sqrt(2)), f = m - 1, s = f / (2 + f),
@@ -108,13 +127,13 @@ FO_LOSS_HD float log_poly(float x) {
   const float log_m = f - s * (f - big_r);
   const float result = ef * 0.693145751953125f + (log_m + ef * 1.42860682030941723e-6f);
   const float special = x == 0.0f ? -kInf : (x == kInf ? kInf : bits_as_float(0x7fc00000u));
-  return (x > 0.0f && x < kInf) ? result : special;
+  return ((x > 0.0f) & (x < kInf)) ? result : special;
 }
 
 // e^v - 1: degree-9 Taylor polynomial for |v| < 0.5 (no cancellation), exp_poly(v) - 1
 // elsewhere (there |e^v - 1| >= 0.39, so the subtraction is exact to an ulp).
 FO_LOSS_HD float expm1_poly(float v) {
-  const bool small = v > -0.5f && v < 0.5f;
+  const bool small = (v > -0.5f) & (v < 0.5f);
   const float w = small ? v : 0.0f;
   float p = 2.75573192239858907e-6f;
   p = p * w + 2.48015873015873016e-5f;
@@ -151,12 +170,14 @@ FO_LOSS_HD float tanh_poly(float z) {
 // vectorisable polynomials on the host.
 #if defined(__CUDA_ARCH__)
 FO_LOSS_HD float fexp(float x) { return ::expf(x); }
+FO_LOSS_HD float fexp_nonpos(float x) { return ::expf(x); }
 FO_LOSS_HD float flog(float x) { return ::logf(x); }
 FO_LOSS_HD float fexpm1(float x) { return ::expm1f(x); }
 FO_LOSS_HD float flog1p(float x) { return ::log1pf(x); }
 FO_LOSS_HD float ftanh(float x) { return ::tanhf(x); }
 #else
 FO_LOSS_HD float fexp(float x) { return exp_poly(x); }
+FO_LOSS_HD float fexp_nonpos(float x) { return exp_nonpos(x); }
 FO_LOSS_HD float flog(float x) { return log_poly(x); }
 FO_LOSS_HD float fexpm1(float x) { return expm1_poly(x); }
 FO_LOSS_HD float flog1p(float x) { return log1p_poly(x); }
@@ -178,7 +199,7 @@ FO_LOSS_HD void lse_fold(float& m, float& d, float x) {
   const bool up = x > m;
   const float hi = up ? x : m;
   const float lo = up ? m : x;
-  const float shifted = fexp(lo - hi);
+  const float shifted = fexp_nonpos(lo - hi);
   const float e = hi == -kInf ? 0.0f : shifted;
   const float d_up = d * e + 1.0f;
   const float d_same = d + e;
@@ -190,7 +211,7 @@ FO_LOSS_HD void lse_fold(float& m, float& d, float x) {
 FO_LOSS_HD void lse_merge(float& m, float& d, float m2, float d2) {
   const bool up = m2 > m;
   const float hi = up ? m2 : m;
-  const float shifted = fexp((up ? m : m2) - hi);
+  const float shifted = fexp_nonpos((up ? m : m2) - hi);
   const float e = hi == -kInf ? 0.0f : shifted;
   const float d_up = d * e + d2;
   const float d_same = d + d2 * e;
@@ -201,7 +222,7 @@ FO_LOSS_HD void lse_merge(float& m, float& d, float m2, float d2) {
 // p_j = exp(x_j - row_max) / sum_k exp(x_k - row_max), with the division folded into a
 // per-row coefficient (coef = a / sum gives p_j a): more accurate than exp(x - lse), whose
 // argument carries the rounding of lse.
-FO_LOSS_HD float shifted_exp(float x, float row_max) { return fexp(x - row_max); }
+FO_LOSS_HD float shifted_exp(float x, float row_max) { return fexp_nonpos(x - row_max); }
 
 // log p_j = (x_j - row_max) - log_sum: exact for rows of large equal logits, where
 // x_j - lse would lose the digits of lse.
@@ -258,7 +279,7 @@ FO_LOSS_HD void soft_row_coeffs(float row_max, float log_sum, float sum_r, float
 
 // u^gamma for u >= 0, gamma >= 0, with 0^0 = 1 and 0^gamma = 0 for gamma > 0.
 FO_LOSS_HD float focal_pow(float u, float gamma) {
-  const float powered = fexp(gamma * flog(u == 0.0f ? 1.0f : u));
+  const float powered = fexp(gamma * flog(u));  // NaN for u = 0, gamma = 0: replaced below
   return u == 0.0f ? (gamma == 0.0f ? 1.0f : 0.0f) : powered;
 }
 
@@ -269,7 +290,7 @@ struct FocalTerms {
 };
 
 FO_LOSS_HD FocalTerms focal_terms(float log_p, float alpha_q, float gamma) {
-  const float p = fexp(log_p);
+  const float p = fexp_nonpos(log_p);
   const float u = -fexpm1(log_p);
   const float pw = focal_pow(u, gamma);
   const float p_log_p = p * log_p;
@@ -293,7 +314,7 @@ struct SigmoidFocal {
 
 FO_LOSS_HD SigmoidFocal sigmoid_focal(float x, float t, float alpha, float gamma, float eps) {
   const float tp = t * (1.0f - eps) + 0.5f * eps;
-  const float e = fexp(-(x < 0.0f ? -x : x));
+  const float e = fexp_nonpos(-(x < 0.0f ? -x : x));
   const float inv = 1.0f / (1.0f + e);
   const float e_inv = e * inv;
   const float p = x >= 0.0f ? inv : e_inv;
