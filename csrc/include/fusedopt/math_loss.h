@@ -5,7 +5,7 @@
 //   * on the host branch-free polynomial versions (exp_poly, log_poly, ...), written with
 //     selects and bit casts only, so that g++ vectorises the loops that call them (glibc's
 //     scalar expf does not vectorise without -ffast-math). Measured error over every
-//     97th float: exp 1.3 ulp (0 below 2^-125), log 1, expm1 2.2, log1p 2.5, tanh 3 (the CUDA C functions: 1-2).
+//     97th float: exp 1.2 ulp (0 below 2^-125), log 1, expm1 2.1, log1p 2.5, tanh 3 (the CUDA C functions: 1-2).
 // fexp / flog / fexpm1 / flog1p / ftanh pick the form; the helpers below use only those.
 // The polynomials use no FMA (the build has -ffp-contract=off), so every ISA clone of a
 // CPU kernel rounds alike: the same bits on any x86-64 machine.
@@ -59,8 +59,8 @@ FO_LOSS_HD uint32_t float_as_bits(float f) {
 // ---------------------------------------------------------------- vectorisable libm
 
 // e^x: n = round(x / ln 2) by the 1.5*2^23 trick, r = x - n ln 2 (Cody-Waite, two parts),
-// 2 e^r by the doubled degree-7 Taylor polynomial (|r| <= 0.347: truncation 5e-9
-// relative) times 2^(n-1) built from the bits of the rounded sum (normal for every n in
+// 2 e^r by 2 (1 + r + r^2 q(r)), q of degree 4 fitted here for the least maximum relative
+// error on |r| <= ln(2)/2 (3.4e-9; Taylor needs degree 7 for that), times 2^(n-1) built from the bits of the rounded sum (normal for every n in
 // [-125, 128], so no second scaling is needed up to the overflow to inf). Results below
 // 2^-125 (x < -86.5) are flushed to 0, -inf gives 0, NaN propagates.
 FO_LOSS_HD float exp_core(float x) {
@@ -68,12 +68,11 @@ FO_LOSS_HD float exp_core(float x) {
   const float t = x * 1.44269504088896341f + kRound;
   const float n = t - kRound;
   const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  float p = 3.96825396825396825e-4f;
-  p = p * r + 2.77777777777777778e-3f;
-  p = p * r + 1.66666666666666667e-2f;
-  p = p * r + 8.33333333333333333e-2f;
-  p = p * r + 3.33333333333333333e-1f;
-  p = p * r + 1.0f;
+  float p = 2.0f * 0.0013780922163277864f;
+  p = p * r + 2.0f * 0.00836886465549469f;
+  p = p * r + 2.0f * 0.04166899621486664f;
+  p = p * r + 2.0f * 0.1666651964187622f;
+  p = p * r + 2.0f * 0.49999991059303284f;
   p = p * r + 2.0f;
   p = p * r + 2.0f;
   // bits(t) = bits(1.5 * 2^23) + n, whose low 23 bits are zero: the shift leaves n + 126.
