@@ -57,10 +57,12 @@ inline float to_float(fp16_t x) {
 template <typename T> inline T from_float(float x);
 template <> inline float from_float<float>(float x) { return x; }
 template <> inline bf16_t from_float<bf16_t>(float x) {
-  uint32_t u = float_to_bits(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16_t{uint16_t(u >> 16)};
+  // Round to nearest even; NaN -> quiet NaN. Branch-free (a mask) so that loops vectorise.
+  const uint32_t u = float_to_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  const uint32_t is_nan = 0u - uint32_t((u & 0x7fffffffu) > 0x7f800000u);
+  return bf16_t{uint16_t((quiet_nan & is_nan) | (rounded & ~is_nan))};
 }
 template <> inline fp16_t from_float<fp16_t>(float x) {
   // binary32 -> binary16, round to nearest even, overflow to inf, NaN -> quiet NaN.
