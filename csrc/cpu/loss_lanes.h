@@ -5,10 +5,11 @@
 // result never depends on the ISA's vector width or on the thread that computed it.
 //
 // FO_LOSS_CLONES compiles a row kernel three times -- x86-64-v4 (AVX-512), x86-64-v3
-// (AVX2 + FMA) and baseline x86-64 -- and picks one when the module loads (an ifunc on
-// the CPU's feature bits), so no -march=native is needed. Elsewhere it is empty. The
-// OpenMP loops stay outside the cloned functions (an outlined parallel region would not
-// inherit the clone's ISA).
+// (AVX2) and baseline x86-64 -- and picks one when the module loads (an ifunc on the
+// CPU's feature bits), so no -march=native is needed. Elsewhere it is empty, and
+// -DFO_LOSS_CLONES= builds one ISA only (to check that every ISA gives the same bits).
+// The OpenMP loops stay outside the cloned functions (an outlined parallel region would
+// not inherit the clone's ISA).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -17,7 +18,8 @@
 #include "fusedopt/math.h"
 #include "fusedopt/params_loss.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__has_attribute)
+#if !defined(FO_LOSS_CLONES) && defined(__x86_64__) && defined(__GNUC__) && \
+    !defined(__clang__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define FO_LOSS_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
