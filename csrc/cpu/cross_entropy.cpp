@@ -1,20 +1,22 @@
 // Fused softmax cross-entropy on CPU tensors: row loss and gradient in one call.
 //
 // Math (fusedopt/math_loss.h), per row of C logits l, x = s tanh(l/s) with soft-capping:
-//   lse = log sum_j exp(x_j), p_j = exp((x_j - max) - log sum_j exp(x_j - max))
+//   lse = max + log S, S = sum_j exp(x_j - max), p_j = exp(x_j - max) / S
 //   class target y: loss = s_ce ((1-eps) w_y (lse - x_y) + (eps/C)(lse sum w - sum w x))
 //                          + s_z c lse^2
 //                   dloss/dx_j = p_j a - (eps/C) s_ce w_j - [j == y] s_ce (1-eps) w_y
 //   soft target q:  r_j = w_j ((1-eps) q_j + eps/C), loss = s_ce (lse sum r - sum r x)
 //                          + s_z c lse^2,   dloss/dx_j = p_j a - s_ce r_j
-//   a = s_ce (sum of the subtracted weights) + 2 s_z c lse;  dloss/dl_j = dloss/dx_j (1 - (x_j/s)^2)
+//   a = s_ce (sum of the subtracted weights) + 2 s_z c lse
+//   dloss/dl_j = dloss/dx_j (1 - (x_j/s)^2)
 // Ignored rows: loss 0, zero gradient. A class target outside [0, C): loss NaN, gradient
 // NaN, and nothing is read at the bad index.
 //
 // Each row is one task of an OpenMP loop (static schedule). Pass 1 streams the row once
 // (per-lane online max / sum-exp with one exp per element, plus sum w x for smoothing);
-// pass 2 streams it again and writes the gradient, formed in fp32 and rounded once at the
-// store. A row of up to ~100k fp32 logits stays in the core's L2 cache between the
+// pass 2 streams it again and writes the gradient exp(x_j - max) (a / S) - t_j, formed in
+// fp32 and rounded once at the store; then the target entry is written again with its
+// whole fp32 term. A row of up to ~100k fp32 logits stays in the core's L2 cache between the
 // passes, so the memory traffic is: reads N*C*b (+ N*C*b of soft targets), writes
 // N*C*b (gradient) + 4N (row losses), b = bytes per logit; class weights (4C) are read
 // from cache. No temporary buffer is allocated.
@@ -34,7 +36,7 @@ constexpr float kNaN = __builtin_nanf("");
 
 // dloss/dx of kLanes classes starting at column j (only the first n are meaningful):
 // p a - t with p a = exp(x - max) coef, t = cw w_j (kSmooth == 2) or cw (kSmooth == 1).
-// The target's own term b is added by fix_target_grad.
+// The target's own term b is added after the pass (step 4 of class_target_row).
 template <int kSmooth, bool kCap>
 FO_LANES_INLINE void class_grad_lanes(const float* x, const float* w, int64_t n,
                                       const ClassRowCoeffs& k, float row_max, float coef,
