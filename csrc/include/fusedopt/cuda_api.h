@@ -1,5 +1,6 @@
 // Host-callable entry points of the CUDA kernels (csrc/cuda/*.cu). Torch-free: raw
 // pointers, sizes and a cudaStream_t in, cudaError_t out. Included by the bindings.
+// The loss entry points are declared in cuda_losses.h, the optimizer ones in cuda_optim.h.
 #pragma once
 #include <cuda_runtime.h>
 
