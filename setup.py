@@ -79,8 +79,15 @@ class BuildExt(build_ext):
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
 
+        # An object newer than its source and every header is reused (no nvcc run): the
+        # headers are few, so "any header changed" stands in for a dependency scan.
+        headers = [*(ROOT / "csrc" / "include").rglob("*.h"), *(ROOT / "csrc" / "cuda").glob("*.cuh")]
+        newest_header = max((h.stat().st_mtime for h in headers), default=0.0)
+
         def compile_one(src):
             obj = out_dir / (Path(src).stem + ".o")
+            if obj.exists() and obj.stat().st_mtime > max(newest_header, (ROOT / src).stat().st_mtime):
+                return str(obj)
             cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
                    "-Xcompiler", "-fPIC", "-Icsrc/include", "--expt-relaxed-constexpr",
                    "-lineinfo", *gencode]
@@ -121,6 +128,9 @@ def extensions():
             language="c++",
         )
         ext.cu_sources = _rel((ROOT / "csrc" / "cuda").glob("*.cu"))
+        # relink when a .cu file or a header changes, not only a binding
+        ext.depends = ext.cu_sources + _rel((ROOT / "csrc" / "cuda").glob("*.cuh")) + _rel(
+            (ROOT / "csrc" / "include").rglob("*.h"))
         ext.nvcc = str(cuda_home / "bin" / "nvcc")
         exts.append(ext)
     else:
