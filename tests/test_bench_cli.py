@@ -164,16 +164,27 @@ def test_model_shapes_add_up_to_the_requested_size(total):
 
 
 def test_triton_is_not_benchmarked_under_the_interpreter(monkeypatch):
-    monkeypatch.setattr(cases.backends, "usable", lambda op, device: ["triton", "cpu", "torch"])
+    usable = {"triton", "cpu", "torch"}
+    monkeypatch.setattr(cases.backends, "_usable", lambda name, op, device: (
+        (True, "") if name in usable else (False, f"{name} cannot run here")))
     names, left_out = cases.fusedopt_backends("cross_entropy", torch.device("cpu"), None)
     assert names == ["cpu", "torch"]
-    assert left_out and left_out[0][0] == "fusedopt[triton]" and "interpreter" in left_out[0][1]
+    reasons = dict(left_out)
+    assert "interpreter" in reasons["fusedopt[triton]"]
+    assert reasons["fusedopt[cuda]"] == "cuda cannot run here"
+
+
+def test_every_backend_left_out_is_listed_with_its_reason():
+    names, left_out = cases.fusedopt_backends("adamw", torch.device("cpu"), None)
+    listed = names + [cand.removeprefix("fusedopt[").removesuffix("]") for cand, _ in left_out]
+    assert sorted(listed) == sorted(cases.backends.NAMES)
+    assert all(reason for _, reason in left_out)
 
 
 def test_backend_filter_reports_an_unusable_backend():
     (case,) = cases.build_cases("cpu", "tiny", ["adamw"], backend="cuda")
     assert [c.kind for c in case.candidates].count("fusedopt") == 0
-    assert any(name == "fusedopt[cuda]" and "cuda" in reason for name, reason in case.skipped)
+    assert any(name == "fusedopt[cuda]" and "cuda" in reason.lower() for name, reason in case.skipped)
     (case,) = cases.build_cases("cpu", "tiny", ["adamw"], backend="torch")
     assert [c.name for c in case.candidates if c.kind == "fusedopt"] == ["fusedopt[torch]"]
 

@@ -122,23 +122,24 @@ class Case:
 
 def fusedopt_backends(op: str, device: torch.device,
                       only: str | None) -> tuple[list[str], list[tuple[str, str]]]:
-    """(backends to benchmark, [(candidate, reason)] left out) for one op on ``device``."""
+    """(backends to benchmark, [(candidate, reason)] left out) for one op on ``device``.
+
+    Every backend that is not benchmarked is listed with its reason (not built, no device,
+    no kernel for the op, another device type, not asked for), so a missing column in the
+    table is never silent."""
     backend_op = BACKEND_OP[op]
-    names = backends.usable(backend_op, device)
-    left_out = []
-    if only is not None:
-        if only not in names:
-            try:
-                backends.select(backend_op, device, only)
-                reason = "cannot run here"
-            except (RuntimeError, ValueError) as exc:
-                reason = str(exc)
-            left_out.append((f"fusedopt[{only}]", reason))
-        names = [n for n in names if n == only]
-    if device.type == "cpu" and "triton" in names:
-        names.remove("triton")
-        left_out.append(("fusedopt[triton]", "TRITON_INTERPRET=1 on CPU is an interpreter; "
-                                             "its timings are meaningless, not benchmarked"))
+    names, left_out = [], []
+    for name in backends.NAMES:
+        ok, reason = backends._usable(name, backend_op, device)
+        if only is not None and name != only:
+            continue
+        if not ok:
+            left_out.append((f"fusedopt[{name}]", reason))
+        elif device.type == "cpu" and name == "triton":
+            left_out.append(("fusedopt[triton]", "TRITON_INTERPRET=1 on CPU is an interpreter; "
+                                                 "its timings are meaningless, not benchmarked"))
+        else:
+            names.append(name)
     return names, left_out
 
 
