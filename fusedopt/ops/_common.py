@@ -107,13 +107,23 @@ def _(grad, grad_output, op, backend):
     return None
 
 
-def rescale(ctx, grad_output: torch.Tensor, per_row: bool, op: str, backend: str) -> torch.Tensor:
+def keep_grad(ctx, grad: torch.Tensor | None, per_row: bool, op: str, backend: str) -> None:
+    """Remember, in forward, what `rescale` needs in backward: the gradient computed by the
+    fused forward (None when no gradient is needed), whether the loss is per row/element or
+    reduced, the op and the backend."""
+    ctx.per_row, ctx.op, ctx.backend = per_row, op, backend
+    if grad is not None:
+        ctx.save_for_backward(grad)
+
+
+def rescale(ctx, grad_output: torch.Tensor) -> torch.Tensor:
     """Backward of a loss whose gradient was saved in forward: grad · grad_output, IN PLACE
     in the stored gradient (no second N×C buffer, SPEC's O(rows) extra memory).
 
     A scalar grad_output multiplies in fp32 and rounds once; a per-row (or per-element)
     grad_output is in the loss's dtype, which is the gradient's.  The stored gradient is
     consumed, so a second backward through the same loss is refused."""
+    per_row, op, backend = ctx.per_row, ctx.op, ctx.backend
     if not torch.compiler.is_compiling():
         if getattr(ctx, "grad_consumed", False):
             raise RuntimeError(

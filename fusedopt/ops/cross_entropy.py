@@ -91,17 +91,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             row_loss, grad = torch.ops.fusedopt.cross_entropy_fwd(
                 logits, target, weight, scales, ignore_index, label_smoothing, z_loss, softcap,
                 soft_target, need_grad, backend)
-        ctx.per_row = reduction == "none"
-        ctx.backend = backend
-        if need_grad:
-            ctx.save_for_backward(grad)
+        _common.keep_grad(ctx, grad if need_grad else None, reduction == "none",
+                          "cross_entropy", backend)
         return row_loss if ctx.per_row else row_loss.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_logits = _common.rescale(ctx, grad_output, ctx.per_row, "cross_entropy",
-                                      ctx.backend)
-        return (grad_logits,) + (None,) * 12
+        return (_common.rescale(ctx, grad_output),) + (None,) * 12
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,

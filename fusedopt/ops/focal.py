@@ -50,17 +50,13 @@ class FocalLossFunction(torch.autograd.Function):
         row_loss, grad = torch.ops.fusedopt.focal_loss_fwd(
             logits, target, alpha, scales, gamma, ignore_index, label_smoothing, need_grad,
             backend)
-        ctx.per_row = reduction == "none"
-        ctx.backend = backend
-        if need_grad:
-            ctx.save_for_backward(grad)
+        _common.keep_grad(ctx, grad if need_grad else None, reduction == "none", "focal_loss",
+                          backend)
         return row_loss if ctx.per_row else row_loss.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_logits = _common.rescale(ctx, grad_output, ctx.per_row, "focal_loss",
-                                      ctx.backend)
-        return (grad_logits,) + (None,) * 9
+        return (_common.rescale(ctx, grad_output),) + (None,) * 9
 
 
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction, label_smoothing, backend):

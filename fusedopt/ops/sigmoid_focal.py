@@ -49,17 +49,13 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
         loss, grad = torch.ops.fusedopt.sigmoid_focal_loss_fwd(
             logits, target, scales, alpha, gamma, label_smoothing, reduction != "none",
             need_grad, backend)
-        ctx.per_element = reduction == "none"
-        ctx.backend = backend
-        if need_grad:
-            ctx.save_for_backward(grad)
+        _common.keep_grad(ctx, grad if need_grad else None, reduction == "none",
+                          "sigmoid_focal_loss", backend)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_logits = _common.rescale(ctx, grad_output, ctx.per_element,
-                                      "sigmoid_focal_loss", ctx.backend)
-        return (grad_logits,) + (None,) * 8
+        return (_common.rescale(ctx, grad_output),) + (None,) * 8
 
 
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction, label_smoothing, backend):
