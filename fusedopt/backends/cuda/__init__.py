@@ -21,6 +21,7 @@ else:
 
 if _cuda is not None:
     from fusedopt.backends.cuda import losses as _losses, optim as _optim
+    from fusedopt.backends.cuda._errors import check  # noqa: F401
     from fusedopt.backends.cuda.losses import *  # noqa: F401,F403  (entry points in __all__)
     from fusedopt.backends.cuda.optim import *  # noqa: F401,F403
 
@@ -48,9 +49,3 @@ def supports(op: str, device: torch.device) -> tuple[bool, str]:
     if op not in OPS:
         return False, f"{op} has no cuda kernel yet"
     return True, ""
-
-
-def check(err: int, what: str) -> None:
-    """Raise a RuntimeError for a non-zero cudaError_t returned by a kernel entry point."""
-    if err != 0:
-        raise RuntimeError(f"fusedopt cuda kernel {what} failed: {_cuda.error_string(err)} (code {err})")
