@@ -66,7 +66,7 @@ def test_cross_entropy_every_flag(cuda, weighted, smooth, zloss, capped, soft):
     assert_close(grad, ref_grad, what="grad")
 
 
-@pytest.mark.parametrize("c", [1, 3, 16, 4097, 12288, 12289, 32000, 50257, 128256])
+@pytest.mark.parametrize("c", [1, 3, 16, 4097, 12032, 12033, 32000, 50257, 128256])
 @pytest.mark.parametrize("smooth", [False, True])
 def test_cross_entropy_vocab_sizes(cuda, c, smooth):
     n = 3 if c > 5000 else 9
