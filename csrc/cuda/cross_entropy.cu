@@ -47,6 +47,20 @@ __device__ __forceinline__ float capped(float x, float cap) {
   return cap > 0.0f ? softcap_value(x, cap) : x;
 }
 
+// out[j] = grad_of(j, x_j) over a row, x_j (soft-capped) from the shared-memory row cache
+// when there is one, else read again from `in`.
+template <typename T, typename G>
+__device__ __forceinline__ void write_grad(const T* in, T* out, int64_t n_cols,
+                                           const float* cache, float cap, const G& grad_of) {
+  if (cache) {
+    for (int64_t j = threadIdx.x; j < n_cols; j += kLossThreads)
+      out[j] = from_float<T>(grad_of(j, cache[j]));
+  } else {
+    map_row(in, out, n_cols, aligned16(in) && aligned16(out),
+            [&](int64_t j, float x) { return grad_of(j, capped(x, cap)); });
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kLossThreads) class_target_kernel(const CeArgs args) {
   extern __shared__ float row_cache[];
@@ -90,13 +104,7 @@ __global__ void __launch_bounds__(kLossThreads) class_target_kernel(const CeArgs
         const float g = shifted_exp(x, m) * coef - t;
         return cap > 0.0f ? g * softcap_slope(x, cap) : g;
       };
-      if (args.cached) {
-        for (int64_t j = threadIdx.x; j < n_cols; j += kLossThreads)
-          out[j] = from_float<T>(grad_of(j, row_cache[j]));
-      } else {
-        map_row(in, out, n_cols, aligned16(in) && aligned16(out),
-                [&](int64_t j, float x) { return grad_of(j, capped(x, cap)); });
-      }
+      write_grad(in, out, n_cols, args.cached ? row_cache : nullptr, cap, grad_of);
       __syncthreads();
       // 4. the target entry again, its whole term in fp32
       if (threadIdx.x == 0) {
@@ -148,13 +156,7 @@ __global__ void __launch_bounds__(kLossThreads) soft_target_kernel(const CeArgs 
         const float g = shifted_exp(x, m) * coef - s_ce * weight_of(j);
         return cap > 0.0f ? g * softcap_slope(x, cap) : g;
       };
-      if (args.cached) {
-        for (int64_t j = threadIdx.x; j < n_cols; j += kLossThreads)
-          out[j] = from_float<T>(grad_of(j, row_cache[j]));
-      } else {
-        map_row(in, out, n_cols, aligned16(in) && aligned16(out),
-                [&](int64_t j, float x) { return grad_of(j, capped(x, cap)); });
-      }
+      write_grad(in, out, n_cols, args.cached ? row_cache : nullptr, cap, grad_of);
     }
     __syncthreads();
   }

@@ -17,6 +17,8 @@ from itertools import chain
 
 import torch
 
+from fusedopt.backends._ptr import dtype_code
+
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 
@@ -79,3 +81,26 @@ def sgd_args(grads, *, lr, momentum, dampening, weight_decay, nesterov, maximize
     return (addresses(grads), *scalar(lr), float(momentum), float(dampening),
             float(weight_decay), bool(nesterov), bool(maximize), address_or_zero(inv_scale),
             address_or_zero(clip_coef), address_or_zero(skip))
+
+
+def adam_step(ext, name, limits, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+              master_params, steps, cache, hyper, extra=()) -> int:
+    """One Adam step through the cached ``ext.AdamTable`` ``name``; returns its status.
+    ``extra``: the module's own trailing arguments (the stream on cuda)."""
+    lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps)
+    t = table(cache, name, params, lists, limits, lambda numel: ext.AdamTable(
+        numel, dtype_code(params[0].dtype), *map(addresses, (params, exp_avgs, exp_avg_sqs)),
+        optional_addresses(max_exp_avg_sqs), optional_addresses(master_params),
+        addresses(steps), *limits))
+    return t.step(*adam_args(grads, **hyper), *extra)
+
+
+def sgd_step(ext, name, limits, params, grads, momentum_buffers, master_params, initialized,
+             cache, hyper, extra=()) -> int:
+    """One SGD step through the cached ``ext.SgdTable`` ``name``; returns its status."""
+    lists = (params, momentum_buffers, master_params, initialized)
+    t = table(cache, name, params, lists, limits, lambda numel: ext.SgdTable(
+        numel, dtype_code(params[0].dtype), addresses(params),
+        optional_addresses(momentum_buffers), optional_addresses(master_params),
+        addresses(initialized), *limits))
+    return t.step(*sgd_args(grads, **hyper), *extra)

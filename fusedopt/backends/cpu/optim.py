@@ -54,22 +54,13 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     """One Adam/AdamW step over a bucket; see docs/architecture.md for the contract."""
     if not params:
         return
-    code = dtype_code(params[0].dtype)
-    lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps)
-    table = tables.table(cache, "cpu_adam", params, lists, PLAN_LIMITS, lambda numel: _cpu.AdamTable(
-        numel, code, *map(tables.addresses, (params, exp_avgs, exp_avg_sqs)),
-        tables.optional_addresses(max_exp_avg_sqs), tables.optional_addresses(master_params),
-        tables.addresses(steps), *PLAN_LIMITS))
-    _check(table.step(*tables.adam_args(grads, **hyper)), "adam_step")
+    _check(tables.adam_step(_cpu, "cpu_adam", PLAN_LIMITS, params, grads, exp_avgs, exp_avg_sqs,
+                            max_exp_avg_sqs, master_params, steps, cache, hyper), "adam_step")
 
 
 def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, cache, **hyper):
     """One SGD step over a bucket (torch.optim.SGD semantics); see docs/architecture.md."""
     if not params:
         return
-    code = dtype_code(params[0].dtype)
-    lists = (params, momentum_buffers, master_params, initialized)
-    table = tables.table(cache, "cpu_sgd", params, lists, PLAN_LIMITS, lambda numel: _cpu.SgdTable(
-        numel, code, tables.addresses(params), tables.optional_addresses(momentum_buffers),
-        tables.optional_addresses(master_params), tables.addresses(initialized), *PLAN_LIMITS))
-    _check(table.step(*tables.sgd_args(grads, **hyper)), "sgd_step")
+    _check(tables.sgd_step(_cpu, "cpu_sgd", PLAN_LIMITS, params, grads, momentum_buffers,
+                           master_params, initialized, cache, hyper), "sgd_step")

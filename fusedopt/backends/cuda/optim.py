@@ -58,26 +58,17 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     """One Adam/AdamW step over a bucket; see docs/architecture.md for the contract."""
     if not params:
         return
-    code = dtype_code(params[0].dtype)
-    lists = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps)
-    table = tables.table(cache, "cuda_adam", params, lists, PLAN_LIMITS, lambda numel: _cuda.AdamTable(
-        numel, code, *map(tables.addresses, (params, exp_avgs, exp_avg_sqs)),
-        tables.optional_addresses(max_exp_avg_sqs), tables.optional_addresses(master_params),
-        tables.addresses(steps), *PLAN_LIMITS))
     with torch.cuda.device(params[0].device):
-        check(table.step(*tables.adam_args(grads, **hyper), _stream(params[0].device)),
-              "adam_step")
+        check(tables.adam_step(_cuda, "cuda_adam", PLAN_LIMITS, params, grads, exp_avgs,
+                               exp_avg_sqs, max_exp_avg_sqs, master_params, steps, cache, hyper,
+                               extra=(_stream(params[0].device),)), "adam_step")
 
 
 def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, cache, **hyper):
     """One SGD step over a bucket (torch.optim.SGD semantics); see docs/architecture.md."""
     if not params:
         return
-    code = dtype_code(params[0].dtype)
-    lists = (params, momentum_buffers, master_params, initialized)
-    table = tables.table(cache, "cuda_sgd", params, lists, PLAN_LIMITS, lambda numel: _cuda.SgdTable(
-        numel, code, tables.addresses(params), tables.optional_addresses(momentum_buffers),
-        tables.optional_addresses(master_params), tables.addresses(initialized), *PLAN_LIMITS))
     with torch.cuda.device(params[0].device):
-        check(table.step(*tables.sgd_args(grads, **hyper), _stream(params[0].device)),
-              "sgd_step")
+        check(tables.sgd_step(_cuda, "cuda_sgd", PLAN_LIMITS, params, grads, momentum_buffers,
+                              master_params, initialized, cache, hyper,
+                              extra=(_stream(params[0].device),)), "sgd_step")
