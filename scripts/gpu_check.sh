@@ -32,7 +32,8 @@ FUSEDOPT_BUILD_CUDA=1 "$VENV/bin/python" -m pip install -q ".[test,plot]"
 PY="$(pwd)/$VENV/bin/python"
 # from outside the checkout, so the installed package (with its extensions) is imported
 (cd / && "$PY" -m fusedopt info) | tee "$OUT_DIR/info.txt"
-(cd / && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA device')")
+(cd / && "$PY" -c "import torch, sys
+sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA device')")
 
 step "whole test suite on the GPU"
 "$PY" -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest-all.txt"
@@ -51,7 +52,8 @@ else
 fi
 
 step "full benchmark"
-name=$("$PY" -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+name=$("$PY" -c "import torch, re
+print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 (cd / && "$PY" -m fusedopt bench --json "$OLDPWD/benchmarks/results/$name-full.json" \
     --plot "$OLDPWD/benchmarks/results/$name-full.png") 2>&1 | tee "$OUT_DIR/bench.txt"
 echo "== done: logs in $OUT_DIR/, results in benchmarks/results/$name-full.json"

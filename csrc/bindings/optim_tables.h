@@ -8,9 +8,12 @@
 //   static constexpr int kBadArgument;        status for inconsistent arguments
 //   static constexpr bool kHostPartials;      the norm's partials live in the table (cpu)
 //                                             or in caller-given device scratch (cuda)
-//   static int adam(const AdamTensors&, const AdamParams&, const MultiTensorPlan&, uintptr_t stream);
-//   static int sgd(const SgdTensors&, const SgdParams&, const MultiTensorPlan&, uintptr_t stream);
-//   static int norm(const NormTensors&, const MultiTensorPlan&, double* partials, uintptr_t stream);
+//   static int adam(const AdamTensors&, const AdamParams&, const MultiTensorPlan&,
+//                   uintptr_t stream);
+//   static int sgd(const SgdTensors&, const SgdParams&, const MultiTensorPlan&,
+//                  uintptr_t stream);
+//   static int norm(const NormTensors&, const MultiTensorPlan&, double* partials,
+//                   uintptr_t stream);
 // and register_optim_tables<Kernels>(m) binds the three table classes.
 #pragma once
 #include <pybind11/pybind11.h>
@@ -221,7 +224,8 @@ class NormTable {
     t.tensors = ptrs.data();
     t.inv_scale = scalar_ptr<float>(inv_scale);
     t.out = reinterpret_cast<float*>(out);
-    double* partials = Kernels::kHostPartials ? partials_.data() : reinterpret_cast<double*>(scratch);
+    double* partials =
+        Kernels::kHostPartials ? partials_.data() : reinterpret_cast<double*>(scratch);
     return Kernels::norm(t, layout_.plan, partials, stream);
   }
 

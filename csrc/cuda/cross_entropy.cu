@@ -8,7 +8,8 @@
 //                   dloss/dx_j = p_j a - (eps/C) s_ce w_j - [j == y] s_ce (1-eps) w_y
 //   soft target q:  r_j = w_j ((1-eps) q_j + eps/C), loss = s_ce (lse sum r - sum r x)
 //                          + s_z c lse^2,   dloss/dx_j = p_j a - s_ce r_j
-//   a = s_ce (sum of the subtracted weights) + 2 s_z c lse,  dloss/dl_j = dloss/dx_j (1 - (x_j/s)^2)
+//   a = s_ce (sum of the subtracted weights) + 2 s_z c lse
+//   dloss/dl_j = dloss/dx_j (1 - (x_j/s)^2)
 // Ignored rows: loss 0, zero gradient. A class target outside [0, C): loss NaN, gradient
 // NaN, and nothing is read at the bad index. s_ce, s_z are read from `scales` (device).
 //
@@ -92,8 +93,9 @@ __global__ void __launch_bounds__(kLossThreads) class_target_kernel(const CeArgs
     });
     block_lse(m, d, scratch);
     if (eps > 0.0f) swx = block_sum(swx, scratch);
+    const float sum_w = args.sum_w ? *args.sum_w : float(n_cols);
     const loss_math::ClassRowCoeffs k = loss_math::class_row_coeffs(
-        x_y, w_y, m, loss_math::flog(d), args.sum_w ? *args.sum_w : float(n_cols), swx, eps, float(n_cols), p.z_loss, s_ce, s_z);
+        x_y, w_y, m, loss_math::flog(d), sum_w, swx, eps, float(n_cols), p.z_loss, s_ce, s_z);
     if (threadIdx.x == 0) p.row_loss[row] = valid ? k.loss : nan_value();
     if (out && !valid) fill_row(out, n_cols, nan_value());
     if (out && valid) {

@@ -1,7 +1,8 @@
 // Building blocks of the CUDA loss kernels (cross_entropy.cu, focal.cu): one block of
 // kLossThreads threads per row, the row walked with 16-byte vector loads where possible,
-// and deterministic block reductions (warp shuffles in a fixed pattern, then the warps'
-// values in warp order), so a result never depends on scheduling.
+// an optional copy of the row in shared memory (the row cache) so that later passes do not
+// read it from memory again, and deterministic block reductions (warp shuffles in a fixed
+// pattern, then the warps' values in warp order), so a result never depends on scheduling.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,6 +18,15 @@ constexpr int kLossThreads = 256;
 constexpr int kLossWarps = kLossThreads / 32;
 constexpr unsigned kMaxLossBlocks = 1u << 20;  // rows beyond are walked by a grid-stride loop
 
+// Rows of at most this many bytes (in the logits' dtype: 32,768 bf16/fp16 or 16,384 fp32
+// values) are copied into shared memory by the first pass and read from there by the later
+// ones. 64 KB is above the 48 KB a block gets without opting in (allow_dynamic_smem); every
+// GPU the build targets (sm_80 and newer) allows at least 99 KB.
+constexpr int64_t kRowCacheBytes = 64 * 1024;
+// Dynamic shared memory a kernel may use without the opt-in, leaving 1 KB for the static
+// scratch of the reductions (64 bytes here).
+constexpr size_t kSmemWithoutOptIn = 47 * 1024;
+
 using loss_math::kInf;
 
 __device__ __forceinline__ float nan_value() { return __int_as_float(0x7fc00000); }
@@ -29,26 +39,50 @@ __device__ __forceinline__ int64_t load_index(const void* target, int index_type
   }
 }
 
-// Calls f(j, x_j) for the elements j of [0, n) owned by this thread, x_j in fp32. When
-// `row` and every row given in `also` are 16-byte aligned, the thread owns whole vectors of
-// 16 / sizeof(T) elements (vector v = thread + k * kLossThreads) and reads them with one
-// load each; the last n % V elements are read one by one by the first threads. Otherwise
-// every element is read alone (element j = thread + k * kLossThreads). The split depends
-// only on n and the alignment, so the order of a thread's elements is fixed.
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// The row cache: the block's dynamic shared memory (16-byte aligned), as values of T.
+template <typename T>
+__device__ __forceinline__ T* row_cache() {
+  extern __shared__ uint4 row_cache_words[];
+  return reinterpret_cast<T*>(row_cache_words);
+}
+
+// Bytes of row cache for rows of n_cols values of T, or 0 when they do not fit.
+template <typename T>
+size_t row_cache_bytes(int64_t n_cols) {
+  const int64_t bytes = (n_cols * int64_t(sizeof(T)) + 15) / 16 * 16;
+  return bytes <= kRowCacheBytes ? size_t(bytes) : 0;
+}
+
+// Calls f(j, x_j) for the elements j of [0, n) owned by this thread, x_j in fp32, and
+// copies them to `cache` when it is not null. When `row` is 16-byte aligned, the thread
+// owns whole vectors of 16 / sizeof(T) elements (vector v = thread + k * kLossThreads) and
+// reads each with one load; the last n % V elements are read one by one by the first
+// threads. Otherwise every element is read alone (element j = thread + k * kLossThreads).
+// The split depends only on n and the alignment, so the order of a thread's elements is
+// fixed. The cache layout is the row's, whichever split filled it.
 template <typename T, typename F>
-__device__ __forceinline__ void for_row(const T* row, int64_t n, bool vector_ok, const F& f) {
+__device__ __forceinline__ void for_row(const T* row, int64_t n, T* cache, const F& f) {
   constexpr int kVec = 16 / sizeof(T);
-  if (vector_ok) {
+  int64_t scalar_begin = 0;
+  if (aligned16(row)) {
     const int64_t n_vec = n / kVec;
     for (int64_t v = threadIdx.x; v < n_vec; v += kLossThreads) {
       const uint4 raw = reinterpret_cast<const uint4*>(row)[v];
+      if (cache) reinterpret_cast<uint4*>(cache)[v] = raw;
       const T* vals = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) f(v * kVec + k, to_float(vals[k]));
     }
-    for (int64_t j = n_vec * kVec + threadIdx.x; j < n; j += kLossThreads) f(j, to_float(row[j]));
-  } else {
-    for (int64_t j = threadIdx.x; j < n; j += kLossThreads) f(j, to_float(row[j]));
+    scalar_begin = n_vec * kVec;
+  }
+  for (int64_t j = scalar_begin + threadIdx.x; j < n; j += kLossThreads) {
+    const T raw = row[j];
+    if (cache) cache[j] = raw;
+    f(j, to_float(raw));
   }
 }
 
@@ -57,10 +91,10 @@ __device__ __forceinline__ void for_row(const T* row, int64_t n, bool vector_ok,
 // `in` and `out` may be the same row: each element is read before it is written, by the
 // same thread.
 template <typename T, typename F>
-__device__ __forceinline__ void map_row(const T* in, T* out, int64_t n, bool vector_ok,
-                                        const F& f) {
+__device__ __forceinline__ void map_row(const T* in, T* out, int64_t n, const F& f) {
   constexpr int kVec = 16 / sizeof(T);
-  if (vector_ok) {
+  int64_t scalar_begin = 0;
+  if (aligned16(in) && aligned16(out)) {
     const int64_t n_vec = n / kVec;
     for (int64_t v = threadIdx.x; v < n_vec; v += kLossThreads) {
       uint4 raw = reinterpret_cast<const uint4*>(in)[v];
@@ -69,16 +103,10 @@ __device__ __forceinline__ void map_row(const T* in, T* out, int64_t n, bool vec
       for (int k = 0; k < kVec; ++k) vals[k] = from_float<T>(f(v * kVec + k, to_float(vals[k])));
       reinterpret_cast<uint4*>(out)[v] = raw;
     }
-    for (int64_t j = n_vec * kVec + threadIdx.x; j < n; j += kLossThreads)
-      out[j] = from_float<T>(f(j, to_float(in[j])));
-  } else {
-    for (int64_t j = threadIdx.x; j < n; j += kLossThreads)
-      out[j] = from_float<T>(f(j, to_float(in[j])));
+    scalar_begin = n_vec * kVec;
   }
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+  for (int64_t j = scalar_begin + threadIdx.x; j < n; j += kLossThreads)
+    out[j] = from_float<T>(f(j, to_float(in[j])));
 }
 
 // Sum of one float per thread over the block, in a fixed order; every thread gets it.
@@ -97,7 +125,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // Block-wide merge of per-thread (max m, d = sum exp(x - m)); every thread gets the result.
-// `scratch` holds 2 * kLossWarps floats of shared memory.
+// `scratch` holds 2 * kLossWarps floats of shared memory. Its barriers also publish the
+// row cache written before it to every thread.
 __device__ __forceinline__ void block_lse(float& m, float& d, float* scratch) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -115,7 +144,8 @@ __device__ __forceinline__ void block_lse(float& m, float& d, float* scratch) {
   m = scratch[0];
   d = scratch[kLossWarps];
 #pragma unroll
-  for (int w = 1; w < kLossWarps; ++w) loss_math::lse_merge(m, d, scratch[w], scratch[kLossWarps + w]);
+  for (int w = 1; w < kLossWarps; ++w)
+    loss_math::lse_merge(m, d, scratch[w], scratch[kLossWarps + w]);
 }
 
 // Writes `value` to every element of a row of n values.
@@ -127,6 +157,20 @@ __device__ __forceinline__ void fill_row(T* row, int64_t n, float value) {
 
 inline unsigned loss_grid(int64_t rows) {
   return static_cast<unsigned>(rows < int64_t(kMaxLossBlocks) ? rows : int64_t(kMaxLossBlocks));
+}
+
+// Launches a row kernel with `smem` bytes of row cache (opting in above the default
+// limit) and returns the launch's error.
+template <typename Args>
+cudaError_t launch_rows(void (*kernel)(Args), int64_t n_rows, size_t smem, cudaStream_t stream,
+                        const Args& args) {
+  if (smem > kSmemWithoutOptIn) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<loss_grid(n_rows), kLossThreads, smem, stream>>>(args);
+  return cudaGetLastError();
 }
 
 }  // namespace fusedopt::cuda

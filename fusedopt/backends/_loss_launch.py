@@ -25,7 +25,8 @@ def _index_code(target: torch.Tensor) -> int:
     try:
         return INDEX_CODES[target.dtype]
     except KeyError:
-        raise TypeError(f"class targets must be int64, int32 or uint8, not {target.dtype}") from None
+        raise TypeError(
+            f"class targets must be int64, int32 or uint8, not {target.dtype}") from None
 
 
 def _check_rows(name: str, logits: torch.Tensor) -> None:

@@ -15,7 +15,8 @@ try:
     from fusedopt import _cuda
 except ImportError as exc:  # built without nvcc, or FUSEDOPT_BUILD_CUDA=0
     _cuda = None
-    _IMPORT_ERROR = f"fusedopt._cuda is not built ({exc}); install with nvcc on PATH or CUDA_HOME set"
+    _IMPORT_ERROR = (f"fusedopt._cuda is not built ({exc}); install with nvcc on PATH or "
+                     "CUDA_HOME set")
 else:
     _IMPORT_ERROR = ""
 
