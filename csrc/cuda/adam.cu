@@ -12,8 +12,10 @@
 // reading anything else, the counter launch writes nothing either.
 //
 // Launches: the update over every chunk (multi_tensor_apply.cuh; one block per chunk of
-// 65536 elements, 512 threads, 4 elements in flight per thread, coalesced loads), then the
-// step counters (+1) in a launch of their own, so that all blocks of a tensor used the same t.
+// 65536 elements, 512 threads, groups of 4 consecutive elements per thread: one 16-byte
+// access per fp32 list (8 bytes for bf16/fp16 params and grads) when every list of the
+// chunk is aligned, element accesses otherwise), then the step counters (+1) in a launch
+// of their own, so that all blocks of a tensor used the same t.
 //
 // Memory traffic per element (fp32 states, B = bytes of the param dtype): reads g, p, m, v
 // (2B + 8 bytes), writes p, m, v (B + 8): 28 bytes for fp32; amsgrad +8; an fp32 master is
@@ -68,36 +70,35 @@ struct AdamChunk {
     float* v_ptr = static_cast<float*>(tab.ptr[kExpAvgSq][slot]) + start;
     float* vmax_ptr = kAmsgrad ? static_cast<float*>(tab.ptr[kMaxExpAvgSq][slot]) + start : nullptr;
     float* master = a.with_master ? static_cast<float*>(tab.ptr[kMaster][slot]) + start : nullptr;
+    const bool aligned = group_aligned<T>(param) && group_aligned<T>(grad) &&
+                         group_aligned<float>(m_ptr) && group_aligned<float>(v_ptr) &&
+                         (!kAmsgrad || group_aligned<float>(vmax_ptr)) &&
+                         (master == nullptr || group_aligned<float>(master));
 
-    for (int64_t base = threadIdx.x; base < n; base += int64_t(kBlockThreads) * kIlp) {
-      float p[kIlp], g[kIlp], m[kIlp], v[kIlp], vmax[kIlp];
+    for_each_group(n, aligned, [&](int64_t first, bool whole) {
+      float p[kIlp], g[kIlp], m[kIlp], v[kIlp], vmax[kIlp] = {};
+      if (master)
+        load_group(master, first, n, whole, p);
+      else
+        load_group(param, first, n, whole, p);
+      load_group(grad, first, n, whole, g);
+      load_group(m_ptr, first, n, whole, m);
+      load_group(v_ptr, first, n, whole, v);
+      if (kAmsgrad) load_group(vmax_ptr, first, n, whole, vmax);
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = base + int64_t(k) * kBlockThreads;
-        if (i < n) {
-          p[k] = master ? master[i] : to_float(param[i]);
-          g[k] = used_grad(to_float(grad[i]), gt);
-          m[k] = m_ptr[i];
-          v[k] = v_ptr[i];
-          vmax[k] = kAmsgrad ? vmax_ptr[i] : 0.0f;
-        }
+        g[k] = used_grad(g[k], gt);
+        if (a.l2)
+          adam_math<true, kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], c);
+        else
+          adam_math<false, kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], c);
       }
-#pragma unroll
-      for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = base + int64_t(k) * kBlockThreads;
-        if (i < n) {
-          if (a.l2)
-            adam_math<true, kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], c);
-          else
-            adam_math<false, kAmsgrad>(p[k], g[k], m[k], v[k], vmax[k], c);
-          m_ptr[i] = m[k];
-          v_ptr[i] = v[k];
-          if (kAmsgrad) vmax_ptr[i] = vmax[k];
-          if (master) master[i] = p[k];
-          param[i] = from_float<T>(p[k]);
-        }
-      }
-    }
+      store_group(m_ptr, first, n, whole, m);
+      store_group(v_ptr, first, n, whole, v);
+      if (kAmsgrad) store_group(vmax_ptr, first, n, whole, vmax);
+      if (master) store_group(master, first, n, whole, p);
+      store_group(param, first, n, whole, p);
+    });
   }
 };
 

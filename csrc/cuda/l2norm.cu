@@ -7,9 +7,11 @@
 // Accumulation is in double (as on the cpu backend): the square of a finite fp32/bf16/fp16
 // value is at most about 1.2e77, so the sum is finite exactly when every element is, and
 // one pass gives both the sum and the flag. Deterministic, no atomics, two stages:
-//   1. one block per chunk of the plan (multi_tensor_apply.cuh): thread j sums elements
-//      j, j + 512, ... of the chunk in order, the 512 partial sums are folded pairwise in
-//      shared memory, and the block stores its partial at the chunk's plan-wide index;
+//   1. one block per chunk of the plan (multi_tensor_apply.cuh): thread j sums the groups
+//      of 4 consecutive elements j, j + 512, ... of the chunk in order (one vector load per
+//      group when aligned, element loads otherwise: the same order either way), the 512
+//      partial sums are folded pairwise in shared memory, and the block stores its partial
+//      at the chunk's plan-wide index;
 //   2. one block adds the partials: thread j sums partials j, j + 512, ... in order, then
 //      the same pairwise fold; thread 0 scales by inv_scale^2 and writes out[0..1].
 // The order depends only on the tensor sizes and the chunk size, never on scheduling.
@@ -43,16 +45,12 @@ struct NormChunk {
     __shared__ double lane[kBlockThreads];
     const T* x = static_cast<const T*>(tab.ptr[0][slot]) + start;
     double own = 0.0;
-    for (int64_t base = threadIdx.x; base < n; base += int64_t(kBlockThreads) * kIlp) {
+    for_each_group(n, group_aligned<T>(x), [&](int64_t first, bool whole) {
       float v[kIlp];
-#pragma unroll
-      for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = base + int64_t(k) * kBlockThreads;
-        v[k] = i < n ? to_float(x[i]) : 0.0f;
-      }
+      load_group(x, first, n, whole, v);
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) own += static_cast<double>(v[k]) * v[k];
-    }
+    });
     const double total = block_sum(own, lane);
     if (threadIdx.x == 0) partials[tab.first_chunk + chunk] = total;
   }

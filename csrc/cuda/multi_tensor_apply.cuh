@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "fusedopt/dispatch.h"
 #include "fusedopt/multi_tensor.h"
 
 namespace fusedopt::cuda {
@@ -85,6 +86,63 @@ cudaError_t launch_multi_tensor(const MultiTensorPlan& plan, const int64_t* nume
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// ---------------------------------------------------------------- element groups
+//
+// A thread walks its chunk of n elements in groups of kIlp consecutive elements: group g
+// is [kIlp*g, kIlp*g + kIlp), thread j takes groups j, j + kBlockThreads, ... The same
+// assignment whatever the alignment, so a reduction adds in the same order either way.
+// A group is "whole" when it lies inside the chunk and every list of the chunk is aligned
+// to kIlp elements: then each list is read and written with one vector access (16 bytes
+// for fp32, 8 for bf16/fp16); otherwise element by element, lanes past n masked (loaded as
+// 0, never stored).
+
+template <typename T>
+struct alignas(kIlp * sizeof(T)) Group {
+  T lane[kIlp];
+};
+
+// True when `ptr` (a list's first element of the chunk) allows vector accesses.
+template <typename T>
+__device__ __forceinline__ bool group_aligned(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % (kIlp * sizeof(T)) == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_group(const T* x, int64_t first, int64_t n, bool whole,
+                                           float (&v)[kIlp]) {
+  if (whole) {
+    const Group<T> g = *reinterpret_cast<const Group<T>*>(x + first);
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) v[k] = to_float(g.lane[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) v[k] = first + k < n ? to_float(x[first + k]) : 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(T* x, int64_t first, int64_t n, bool whole,
+                                            const float (&v)[kIlp]) {
+  if (whole) {
+    Group<T> g;
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) g.lane[k] = from_float<T>(v[k]);
+    *reinterpret_cast<Group<T>*>(x + first) = g;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k)
+      if (first + k < n) x[first + k] = from_float<T>(v[k]);
+  }
+}
+
+// Calls body(first, whole) for every group of this thread in a chunk of n elements.
+template <typename Body>
+__device__ __forceinline__ void for_each_group(int64_t n, bool aligned, const Body& body) {
+  for (int64_t first = int64_t(threadIdx.x) * kIlp; first < n;
+       first += int64_t(kBlockThreads) * kIlp)
+    body(first, aligned && first + kIlp <= n);
 }
 
 // A device scalar (nullptr = absent) read by the kernel.

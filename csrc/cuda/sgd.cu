@@ -7,9 +7,10 @@
 //   p = fma(-lr, d, p)
 // lr is a host value or a device scalar; skip > 0 (device scalar): nothing is written.
 //
-// Launches: the update over every chunk (multi_tensor_apply.cuh), then, with momentum, the
-// "initialised" flags set to 1 in a launch of their own (every block of the update read the
-// flag from before the step).
+// Launches: the update over every chunk (multi_tensor_apply.cuh; groups of 4 consecutive
+// elements per thread, vector accesses when every list of the chunk is aligned), then,
+// with momentum, the "initialised" flags set to 1 in a launch of their own (every block of
+// the update read the flag from before the step).
 //
 // Memory traffic per element (B = bytes of the param dtype): reads g, p (2B), writes p (B);
 // momentum adds 8 bytes (4 on the first step: the buffer is only written); an fp32 master
@@ -44,37 +45,36 @@ struct SgdChunk {
     const double lr = a.lr.ptr ? static_cast<double>(*a.lr.ptr) : a.lr.value;
     const SgdCoefs c = sgd_coefs(lr, a.momentum, a.dampening, a.weight_decay);
     const GradTransform gt{scalar_or(a.inv_scale, 1.0f), scalar_or(a.clip_coef, 1.0f), a.sign};
-    const bool first = kMomentum && *static_cast<const float*>(tab.ptr[kInitialized][slot]) == 0.0f;
+    const bool first_step =
+        kMomentum && *static_cast<const float*>(tab.ptr[kInitialized][slot]) == 0.0f;
     T* param = static_cast<T*>(tab.ptr[kParam][slot]) + start;
     const T* grad = static_cast<const T*>(tab.ptr[kGrad][slot]) + start;
     float* buffer = kMomentum ? static_cast<float*>(tab.ptr[kBuffer][slot]) + start : nullptr;
     float* master = a.with_master ? static_cast<float*>(tab.ptr[kMaster][slot]) + start : nullptr;
+    const bool aligned = group_aligned<T>(param) && group_aligned<T>(grad) &&
+                         (!kMomentum || group_aligned<float>(buffer)) &&
+                         (master == nullptr || group_aligned<float>(master));
 
-    for (int64_t base = threadIdx.x; base < n; base += int64_t(kBlockThreads) * kIlp) {
-      float p[kIlp], g[kIlp], buf[kIlp];
+    for_each_group(n, aligned, [&](int64_t first, bool whole) {
+      float p[kIlp], g[kIlp], buf[kIlp] = {};
+      if (master)
+        load_group(master, first, n, whole, p);
+      else
+        load_group(param, first, n, whole, p);
+      load_group(grad, first, n, whole, g);
+      if (kMomentum && !first_step) load_group(buffer, first, n, whole, buf);
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = base + int64_t(k) * kBlockThreads;
-        if (i < n) {
-          p[k] = master ? master[i] : to_float(param[i]);
-          g[k] = used_grad(to_float(grad[i]), gt);
-          buf[k] = (kMomentum && !first) ? buffer[i] : 0.0f;
-        }
+        g[k] = used_grad(g[k], gt);
+        if (a.l2)
+          sgd_math<true, kMomentum, kNesterov>(p[k], g[k], buf[k], first_step, c);
+        else
+          sgd_math<false, kMomentum, kNesterov>(p[k], g[k], buf[k], first_step, c);
       }
-#pragma unroll
-      for (int k = 0; k < kIlp; ++k) {
-        const int64_t i = base + int64_t(k) * kBlockThreads;
-        if (i < n) {
-          if (a.l2)
-            sgd_math<true, kMomentum, kNesterov>(p[k], g[k], buf[k], first, c);
-          else
-            sgd_math<false, kMomentum, kNesterov>(p[k], g[k], buf[k], first, c);
-          if (kMomentum) buffer[i] = buf[k];
-          if (master) master[i] = p[k];
-          param[i] = from_float<T>(p[k]);
-        }
-      }
-    }
+      if (kMomentum) store_group(buffer, first, n, whole, buf);
+      if (master) store_group(master, first, n, whole, p);
+      store_group(param, first, n, whole, p);
+    });
   }
 };
 
