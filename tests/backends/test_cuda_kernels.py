@@ -1,8 +1,8 @@
-"""The `cuda` backend's kernels (csrc/cuda), called through their launchers on CUDA tensors,
-against PyTorch: F.cross_entropy / the written-out focal formulas in float64 (the references
-of the cpu kernel tests), torch.optim.Adam/AdamW/SGD on the same device, and
-torch.linalg.vector_norm. bf16 by flash-attention's rule. Every test is marked `gpu`:
-without a CUDA device they are skipped with the reason (tests/conftest.py)."""
+"""The `cuda` backend's loss kernels (csrc/cuda), called through their launchers on CUDA
+tensors, against PyTorch: F.cross_entropy / the written-out focal formulas in float64 (the
+references of the cpu kernel tests). bf16 by flash-attention's rule. The optimizer kernels
+are tested in test_cuda_optim.py. Every test is marked `gpu`: without a CUDA device they
+are skipped with the reason (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from fusedopt import backends
 from cpu_loss_helpers import (IGNORE, assert_close, assert_lowp_rule, ce_reference,
                               focal_reference, make_ce_case, same_bits,
                               sigmoid_focal_reference)
-from cpu_optim_helpers import SHAPES, grad_steps, make_tensors
 
 pytestmark = pytest.mark.gpu
 
@@ -189,143 +188,3 @@ def test_scale_grad(cuda, dtype):
     assert same_bits(g, before)
     cuda.scale_grad_(g, torch.tensor(0.37, device=DEV))
     assert same_bits(g, (before.float() * 0.37).to(dtype))
-
-
-# ----------------------------------------------------------------------------- optimizers
-
-class Bucket:
-    """Params and fp32 state on the GPU, stepped by the cuda backend's adam_step/sgd_step."""
-
-    def __init__(self, params, *, amsgrad=False, master=False, momentum=0.0):
-        self.params = [p.to(DEV).clone() for p in params]
-        zeros = lambda: [torch.zeros_like(p, dtype=F32) for p in self.params]  # noqa: E731
-        self.m, self.v = zeros(), zeros()
-        self.vmax = zeros() if amsgrad else None
-        self.buffers = zeros() if momentum else None
-        self.masters = [p.float() for p in self.params] if master else None
-        self.counters = [torch.zeros((), dtype=F32, device=DEV) for _ in params]
-        self.amsgrad, self.momentum, self.cache = amsgrad, momentum, {}
-
-    def adam(self, cuda, grads, *, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-             decoupled=False, maximize=False, inv_scale=None, clip_coef=None, skip=None):
-        cuda.adam_step(self.params, [g.to(DEV) for g in grads], self.m, self.v, self.vmax,
-                       self.masters, self.counters, lr=lr, beta1=betas[0], beta2=betas[1],
-                       eps=eps, weight_decay=weight_decay, amsgrad=self.amsgrad,
-                       maximize=maximize, decoupled=decoupled, inv_scale=inv_scale,
-                       clip_coef=clip_coef, skip=skip, cache=self.cache)
-
-    def sgd(self, cuda, grads, *, lr=1e-2, dampening=0.0, weight_decay=0.0, nesterov=False,
-            maximize=False, skip=None):
-        cuda.sgd_step(self.params, [g.to(DEV) for g in grads], self.buffers, self.masters,
-                      self.counters, lr=lr, momentum=self.momentum, dampening=dampening,
-                      weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                      inv_scale=None, clip_coef=None, skip=skip, cache=self.cache)
-
-    def tensors(self):
-        return [t for lst in (self.params, self.m, self.v, self.vmax or [], self.buffers or [],
-                              self.masters or [], self.counters) for t in lst]
-
-
-def _torch_run(cls, params, grads_per_step, **kw):
-    ref = [p.to(DEV).clone().requires_grad_() for p in params]
-    opt = cls(ref, foreach=False, **kw)
-    for grads in grads_per_step:
-        for r, g in zip(ref, grads):
-            r.grad = g.to(DEV, r.dtype).clone()
-        opt.step()
-    return ref
-
-
-def _close(ours, ref, rtol=2e-6, atol=1e-7):
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        torch.testing.assert_close(a.float().cpu(), b.detach().float().cpu(), rtol=rtol,
-                                   atol=atol, msg=lambda m, i=i: f"tensor {i}: {m}")
-
-
-ADAM = [dict(decoupled=False), dict(decoupled=False, weight_decay=0.1),
-        dict(decoupled=True, weight_decay=0.1), dict(decoupled=True, amsgrad=True),
-        dict(decoupled=False, amsgrad=True, maximize=True, weight_decay=0.1),
-        dict(decoupled=True, maximize=True, betas=(0.3, 0.9))]
-
-
-@pytest.mark.parametrize("v", ADAM, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
-def test_adam_matches_torch(cuda, v):
-    params, grads = make_tensors(SHAPES, seed=0), grad_steps(SHAPES, 5)
-    kw = dict(lr=1e-2, betas=v.get("betas", (0.9, 0.999)), weight_decay=v.get("weight_decay", 0.0),
-              amsgrad=v.get("amsgrad", False), maximize=v.get("maximize", False))
-    ref = _torch_run(torch.optim.AdamW if v["decoupled"] else torch.optim.Adam, params, grads, **kw)
-    ours = Bucket(params, amsgrad=kw.pop("amsgrad"))
-    for g in grads:
-        ours.adam(cuda, g, decoupled=v["decoupled"], **kw)
-    _close(ours.params, ref)
-    assert all(c.item() == 5 for c in ours.counters)
-
-
-def test_adam_small_plans_give_the_same_bits(cuda, monkeypatch):
-    params, grads = make_tensors(SHAPES, seed=3), grad_steps(SHAPES, 3, seed=4)
-    results = []
-    for limits in [cuda.optim.PLAN_LIMITS, (1000, 3, 5), (7, 1, 1)]:
-        monkeypatch.setattr(cuda.optim, "PLAN_LIMITS", limits)
-        b = Bucket(params, amsgrad=True)
-        for g in grads:
-            b.adam(cuda, g, decoupled=True, weight_decay=0.1)
-        results.append([t.cpu() for t in b.tensors()])
-    for other in results[1:]:
-        assert all(same_bits(a, b) for a, b in zip(results[0], other))
-
-
-def test_adam_low_precision_params_with_masters(cuda):
-    params = make_tensors(SHAPES, seed=5)
-    grads = [[g.bfloat16() for g in step] for step in grad_steps(SHAPES, 3, seed=6)]
-    # fp32 AdamW on the same (bf16-valued) gradients is what the fp32 masters must follow
-    ref = _torch_run(torch.optim.AdamW, params, [[g.float() for g in step] for step in grads],
-                     lr=1e-2, weight_decay=0.1)
-    ours = Bucket([p.bfloat16() for p in params], master=True)
-    ours.masters = [p.to(DEV).float() for p in params]
-    for g in grads:
-        ours.adam(cuda, g, decoupled=True, weight_decay=0.1)
-    _close(ours.masters, ref)
-    for p, m in zip(ours.params, ours.masters):
-        assert same_bits(p, m.bfloat16())
-
-
-def test_skipped_step_and_tensor_hyperparameters(cuda):
-    params, grads = make_tensors(SHAPES, seed=7), grad_steps(SHAPES, 2, seed=8)
-    lr, beta1 = 2.0 ** -7, 0.875  # exact in fp32: a 0-dim fp32 tensor holds the same value
-    b = Bucket(params, amsgrad=True)
-    b.adam(cuda, grads[0], lr=lr, betas=(beta1, 0.999))
-    before = [t.clone() for t in b.tensors()]
-    b.adam(cuda, grads[1], skip=torch.tensor(1.0, device=DEV),
-           inv_scale=torch.tensor(0.5, device=DEV))
-    assert all(same_bits(x, y) for x, y in zip(before, b.tensors()))
-    c = Bucket(params, amsgrad=True)
-    c.adam(cuda, grads[0], lr=torch.tensor(lr, device=DEV),
-           betas=(torch.tensor(beta1, device=DEV), 0.999))
-    assert all(same_bits(x, y) for x, y in zip(before, c.tensors()))
-
-
-SGD = [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
-       dict(momentum=0.9, dampening=0.3, weight_decay=0.1, maximize=True)]
-
-
-@pytest.mark.parametrize("v", SGD, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
-def test_sgd_matches_torch(cuda, v):
-    params, grads = make_tensors(SHAPES, seed=9), grad_steps(SHAPES, 4, seed=10)
-    ref = _torch_run(torch.optim.SGD, params, grads, lr=1e-2, **v)
-    ours = Bucket(params, momentum=v["momentum"])
-    for g in grads:
-        ours.sgd(cuda, g, **{k: x for k, x in v.items() if k != "momentum"})
-    _close(ours.params, ref)
-
-
-@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
-def test_norm_matches_torch_and_is_deterministic(cuda, dtype):
-    tensors = [t.to(DEV, dtype) for t in make_tensors(SHAPES + [(300_000,)], seed=11)]
-    inv = torch.tensor(0.25, device=DEV)
-    out = cuda.multi_tensor_norm(tensors, inv, {})
-    ref = sum((t.double() * 0.25).pow(2).sum() for t in tensors)
-    torch.testing.assert_close(out[0].double().cpu(), ref.cpu(), rtol=1e-6, atol=0)
-    assert out[1].item() == 0
-    assert same_bits(out, cuda.multi_tensor_norm(tensors, inv, {}))
-    tensors[2][5] = float("nan")
-    assert cuda.multi_tensor_norm(tensors, None, {})[1].item() == 1
