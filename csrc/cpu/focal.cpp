@@ -31,6 +31,8 @@ constexpr float kNaN = __builtin_nanf("");
 
 // Softmax focal terms of kLanes classes from column j (the first n real, the others
 // contribute 0): p_j, v_j, and the loss terms added to loss_acc when it is given.
+// The other lanes hold -inf (p = 0, u = 1): a finite fill above the row max would give
+// p > 1, u < 0 and a NaN u^gamma that alpha_q = 0 cannot cancel.
 template <bool kAlpha, typename T>
 FO_LANES_INLINE void smoothed_terms(const T* in, const float* alpha, int64_t j, int64_t n,
                                     int64_t y, float row_max, float log_sum, float q_on,
@@ -40,7 +42,7 @@ FO_LANES_INLINE void smoothed_terms(const T* in, const float* alpha, int64_t j, 
   if (n == kLanes)
     load_lanes<false>(in + j, 0.0f, x);
   else
-    load_tail<false>(in + j, n, 0.0f, 0.0f, x);
+    load_tail<false>(in + j, n, 0.0f, -loss_math::kInf, x);
   const int target_lane = lane_of(y, j);
   for (int l = 0; l < kLanes; ++l) {
     const float a = kAlpha ? (l < n ? alpha[j + l] : 0.0f) : (l < n ? 1.0f : 0.0f);

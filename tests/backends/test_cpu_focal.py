@@ -74,6 +74,20 @@ def test_focal_confident_rows_stay_finite(gamma, smooth):
     assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, what="grad")
 
 
+@pytest.mark.parametrize("c", [1, 37])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_smoothing_rows_of_negative_logits(c, gamma):
+    """Every logit of the row negative and C not a multiple of the SIMD width: the padding
+    lanes of the last vector add nothing (a fill of 0, above the row max, once made the
+    whole row NaN)."""
+    x = -torch.rand(4, c, generator=torch.Generator().manual_seed(c)) * 5 - 1
+    y = torch.tensor([0, c - 1, c // 2, 0])
+    loss, grad = focal_fwd(x, y, gamma=gamma, eps=0.1)
+    ref_loss, ref_grad = focal_reference(x, y, None, gamma, 0.1)
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("smooth", [False, True])
 def test_focal_low_precision_error_rule(dtype, smooth):
