@@ -2,7 +2,11 @@
 // Torch-free: a params struct (params_loss.h, the one the cpu backend takes) and a
 // cudaStream_t in, cudaError_t out (cudaErrorInvalidValue for a bad dtype / index code or
 // shape, before anything is launched). Everything is enqueued on `stream`; no device value
-// is read on the host. Zero rows / elements launch nothing.
+// is read on the host. Zero rows / elements launch nothing. The row kernels of rows over
+// 47 KB (up to the 64 KB row cache, csrc/cuda/loss_block.cuh) first allow themselves that
+// much dynamic shared memory (cudaFuncSetAttribute, a host-side setting, no sync).
+// Kernels run on the device current to the calling thread (the launchers make the
+// tensors' device current), which must be the device of `stream`.
 #pragma once
 #include <cuda_runtime.h>
 

@@ -1,0 +1,489 @@
+"""The `cuda` backend's loss kernels (csrc/cuda/cross_entropy.cu, focal.cu), called through
+their launchers (fusedopt/backends/cuda/losses.py) on CUDA tensors, against PyTorch:
+F.cross_entropy in float64 (every flag of SPEC §1, class weights, ignore_index, soft
+targets, z-loss, soft-capping), the softmax focal and torchvision sigmoid focal formulas
+written out in torch, bf16/fp16 by flash-attention's rule. Shapes from DESIGN.md: C = 1, 3,
+4097, 32000, 50257, 128256 and both sides of the row-cache limit, strided and misaligned
+rows, more rows than blocks. Every test is marked `gpu`: without a CUDA device they are
+skipped with the reason (tests/conftest.py). The CPU-runnable checks of the bindings are in
+test_cuda_loss_bindings.py."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedopt as fo
+from fusedopt import backends
+from cpu_loss_helpers import (IGNORE, assert_close, assert_lowp_rule, ce_reference,
+                              focal_reference, make_ce_case, same_bits,
+                              sigmoid_focal_reference)
+
+pytestmark = pytest.mark.gpu
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+DEV = "cuda"
+# rows of at most 64 KB stay in shared memory (kRowCacheBytes in csrc/cuda/loss_block.cuh)
+CACHE_COLS = {F32: 16384, BF16: 32768, F16: 32768}
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    ok, reason = backends.status("cuda")
+    if not ok:
+        pytest.skip(f"backend 'cuda' cannot run here: {reason}")
+    from fusedopt.backends import cuda as module
+    return module
+
+
+def _scales(ce=1.0, z=1.0, device=DEV):
+    return torch.tensor([ce, z], dtype=F32, device=device)
+
+
+def _ce(cuda, x, y, weight=None, sc=None, *, eps=0.0, z_loss=0.0, softcap=None, soft=False,
+        inplace=False, need_grad=True, ignore_index=IGNORE):
+    """The cuda entry point on copies of CPU tensors (or on CUDA tensors as they are);
+    results back on the CPU."""
+    loss, grad = cuda.cross_entropy_fwd(
+        x.to(DEV), y.to(DEV), None if weight is None else weight.to(DEV),
+        _scales() if sc is None else sc, ignore_index=ignore_index, label_smoothing=eps,
+        z_loss=z_loss, softcap=softcap, soft_target=soft, inplace=inplace, need_grad=need_grad)
+    assert loss.dtype == F32 and loss.shape == (x.shape[0],)
+    return loss.cpu(), None if grad is None else grad.cpu()
+
+
+def _check_ce(cuda, x, y, weight=None, sc=(1.0, 1.0), **kw):
+    loss, grad = _ce(cuda, x, y, weight, _scales(*sc), **kw)
+    ref_loss, ref_grad = ce_reference(x.cpu(), y.cpu(), None if weight is None else weight.cpu(),
+                                      sc, **kw)
+    assert grad.dtype == x.dtype
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+FLAGS = list(itertools.product([False, True], repeat=5))
+
+
+@pytest.mark.parametrize("weighted,smooth,zloss,capped,soft", FLAGS,
+                         ids=["".join("WSZCT"[i] if f else "-" for i, f in enumerate(fl))
+                              for fl in FLAGS])
+@pytest.mark.parametrize("c", [37, 20001])  # cached / not cached in fp32
+def test_cross_entropy_every_flag(cuda, weighted, smooth, zloss, capped, soft, c):
+    x, y, weight = make_ce_case(6, c, soft=soft)
+    _check_ce(cuda, x, y, weight if weighted else None, (0.7, 1.3), eps=0.1 if smooth else 0.0,
+              z_loss=0.05 if zloss else 0.0, softcap=4.0 if capped else None, soft=soft)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted,smooth", [(False, 0.0), (True, 0.0), (True, 0.2), (False, 0.3)])
+def test_public_cross_entropy_matches_torch(cuda, reduction, weighted, smooth):
+    """fo.cross_entropy(backend='cuda'): value and gradient equal F.cross_entropy's
+    (through the Function, the scales of 'mean' and scale_grad_ in backward)."""
+    x, y, weight = make_ce_case(12, 301)
+    w = weight.to(DEV) if weighted else None
+    theirs = x.to(DEV, torch.float64).requires_grad_()
+    ours = x.to(DEV).requires_grad_()
+    got = fo.cross_entropy(ours, y.to(DEV), w, reduction=reduction, label_smoothing=smooth,
+                           backend="cuda")
+    want = F.cross_entropy(theirs, y.to(DEV), None if w is None else w.double(),
+                           reduction=reduction, label_smoothing=smooth)
+    upstream = torch.rand_like(want) + 0.5
+    (got * upstream.float()).sum().backward()
+    (want * upstream).sum().backward()
+    assert_close(got.detach().cpu(), want.detach().cpu(), what="loss")
+    assert_close(ours.grad.cpu(), theirs.grad.cpu(), what="grad")
+
+
+@pytest.mark.parametrize("index_dtype,ignore", [(torch.int64, 7), (torch.int32, -1),
+                                                (torch.int32, IGNORE), (torch.uint8, 255),
+                                                (torch.uint8, 3)])
+def test_cross_entropy_target_dtypes_and_ignore_index(cuda, index_dtype, ignore):
+    """int64/int32/uint8 targets; ignore_index a negative value, -100, 255 or a real class."""
+    x, y, weight = make_ce_case(16, 200, ignore_row=None)
+    y[[2, 5, 11]] = ignore
+    ignored = y == ignore
+    loss, grad = _ce(cuda, x, y.to(index_dtype), weight, eps=0.1, z_loss=1e-2,
+                     ignore_index=ignore)
+    # torch's reference with the same rows ignored (its ignore_index spelled IGNORE)
+    ref_loss, ref_grad = ce_reference(x, torch.where(ignored, IGNORE, y), weight, eps=0.1,
+                                      z_loss=1e-2)
+    assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("c", [1, 3, 4097, 16384, 16385, 32000, 32768, 32769, 50257, 128256])
+def test_cross_entropy_vocab_sizes(cuda, c, dtype):
+    """Both sides of the row-cache limit of each dtype, and the large vocabularies."""
+    n = 3 if c > 5000 else 9
+    x, y, weight = make_ce_case(n, c, spread=4.0, ignore_row=None, dtype=dtype)
+    y[0] = c - 1  # the last class: the tail of the row
+    kw = dict(eps=0.2, z_loss=1e-3)
+    if dtype == F32:
+        _check_ce(cuda, x, y, weight, **kw)
+        return
+    loss, grad = _ce(cuda, x, y, weight, **kw)
+    ref_loss, ref_grad = ce_reference(x, y, weight, **kw)
+    low_loss, low_grad = ce_reference(x.to(DEV), y.to(DEV), weight.to(DEV), dtype=dtype, **kw)
+    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize("c", [37, 4096, 20001, 40000])
+def test_cross_entropy_misaligned_rows_take_the_scalar_path(cuda, dtype, c):
+    base, y, weight = make_ce_case(5, c + 1, ignore_row=None, dtype=dtype)
+    y = y.clamp_max(c - 1)
+    weight = weight[:c]
+    x = base.to(DEV)[:, 1:]  # rows start one element past a 16-byte boundary, stride c + 1
+    for soft in (False, True):
+        target = torch.softmax(torch.randn(5, c), 1).to(dtype) if soft else y
+        kw = dict(eps=0.1, softcap=8.0, soft=soft)
+        loss, grad = _ce(cuda, x, target, weight, **kw)
+        ref_loss, ref_grad = ce_reference(base[:, 1:], target, weight, **kw)
+        if dtype == F32:
+            assert_close(loss, ref_loss, what="loss")
+            assert_close(grad, ref_grad, what="grad")
+        else:
+            low_loss, low_grad = ce_reference(x, target.to(DEV), weight.to(DEV), dtype=dtype, **kw)
+            assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+            assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
+
+
+@pytest.mark.parametrize("c", [300, 20000])
+def test_cross_entropy_strided_rows_without_copy(cuda, c):
+    """Rows 2 (C + 8) apart (big[::2, :C]): read where they are; in place, the gradient
+    lands in those rows and nothing between them changes."""
+    big = torch.randn(12, c + 8, device=DEV) * 3
+    x = big[::2, :c]
+    y = torch.randint(0, c, (6,), device=DEV)
+    y[4] = IGNORE
+    ref_loss, ref_grad = ce_reference(x.cpu(), y.cpu(), eps=0.1, z_loss=1e-2)
+    loss, grad = _ce(cuda, x, y, eps=0.1, z_loss=1e-2)
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+    before = big.clone()
+    _, grad_inplace = cuda.cross_entropy_fwd(x, y, None, _scales(), ignore_index=IGNORE,
+                                             label_smoothing=0.1, z_loss=1e-2, softcap=None,
+                                             soft_target=False, inplace=True, need_grad=True)
+    assert grad_inplace.data_ptr() == x.data_ptr() and grad_inplace.stride() == x.stride()
+    assert same_bits(grad_inplace.cpu(), grad)
+    assert same_bits(big[1::2].cpu(), before[1::2].cpu())
+    assert same_bits(big[::2, c:].cpu(), before[::2, c:].cpu())
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_cross_entropy_out_of_range_targets_give_nan_rows(cuda, index_dtype):
+    x, y, weight = make_ce_case(6, 50, ignore_row=None)
+    bad = [1, 2, 4]
+    y[1], y[2], y[4] = 50, -7, (2**40 if index_dtype == torch.int64 else 2**31 - 1)
+    for soft_cap in (None, 5.0):
+        loss, grad = _ce(cuda, x, y.to(index_dtype), weight, eps=0.1, softcap=soft_cap)
+        assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
+        good = [0, 3, 5]
+        ref_loss, ref_grad = ce_reference(x[good], y[good], weight, eps=0.1, softcap=soft_cap)
+        assert_close(loss[good], ref_loss, what="loss")
+        assert_close(grad[good], ref_grad, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("c", [300, 20000, 40000])
+def test_cross_entropy_inplace_and_repeat_give_the_same_bits(cuda, dtype, c):
+    for soft in (False, True):
+        x, y, weight = make_ce_case(5, c, dtype=dtype, soft=soft)
+        kw = dict(eps=0.1, softcap=10.0, soft=soft)
+        loss, grad = _ce(cuda, x, y, weight, **kw)
+        loss2, grad2 = _ce(cuda, x, y, weight, **kw)
+        xd = x.to(DEV)
+        loss3, grad3 = cuda.cross_entropy_fwd(
+            xd, y.to(DEV), weight.to(DEV), _scales(), ignore_index=IGNORE, label_smoothing=0.1,
+            z_loss=0.0, softcap=10.0, soft_target=soft, inplace=True, need_grad=True)
+        assert grad3.data_ptr() == xd.data_ptr()
+        assert same_bits(loss, loss2) and same_bits(grad, grad2)
+        assert same_bits(loss, loss3.cpu()) and same_bits(grad, grad3.cpu())
+
+
+def test_cross_entropy_more_rows_than_blocks(cuda):
+    """2^20 + 5 rows: the grid stops at 2^20 blocks and walks the rest (grid-stride)."""
+    n, c = (1 << 20) + 5, 5
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(n, c, device=DEV, generator=g)
+    y = torch.randint(0, c, (n,), device=DEV, generator=g)
+    y[-3] = IGNORE
+    loss, grad = cuda.cross_entropy_fwd(x, y, None, _scales(), ignore_index=IGNORE,
+                                        label_smoothing=0.0, z_loss=0.0, softcap=None,
+                                        soft_target=False, inplace=False, need_grad=True)
+    xr = x.double().requires_grad_()
+    ref = F.cross_entropy(xr, y, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_extreme_logits(cuda):
+    """-inf logits (not the target), +-1e4, and a row of equal large values."""
+    x = torch.randn(4, 600) * 2
+    x[0, :300] = float("-inf")
+    x[1, ::3] = 1e4
+    x[2, 1::3] = -1e4
+    x[3] = 3e4
+    y = torch.tensor([400, 3, 1, 599])
+    _check_ce(cuda, x, y, z_loss=1e-4)
+    _check_ce(cuda, x[1:], y[1:], eps=0.1, softcap=30.0)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("case", ["plain", "smooth_z", "softcap", "soft"])
+def test_cross_entropy_low_precision(cuda, dtype, case):
+    soft = case == "soft"
+    x, y, weight = make_ce_case(8, 5000, dtype=dtype, spread=4.0, soft=soft)
+    kw = {"plain": {}, "smooth_z": dict(eps=0.1, z_loss=1e-3), "softcap": dict(softcap=6.0),
+          "soft": dict(soft=True, eps=0.05)}[case]
+    loss, grad = _ce(cuda, x, y, weight, **kw)
+    ref_loss, ref_grad = ce_reference(x, y, weight, **kw)
+    low_loss, low_grad = ce_reference(x.to(DEV), y.to(DEV), weight.to(DEV), dtype=dtype, **kw)
+    assert grad.dtype == dtype
+    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
+
+
+def test_cross_entropy_target_gradient_stays_fp32_until_the_store(cuda):
+    """p_y = 0.9939 in bf16 logits: p_y - 1 formed in fp32 and rounded once is within one
+    bf16 rounding of the exact value; p_y rounded to bf16 first (0.9922 or 0.9961) would be
+    off by 28% or more."""
+    x = torch.zeros(2, 1000)
+    x[:, 17] = 12.0
+    y = torch.tensor([17, 17])
+    _, grad = _ce(cuda, x.bfloat16(), y)
+    _, ref_grad = ce_reference(x.bfloat16(), y)
+    torch.testing.assert_close(grad[:, 17].double(), ref_grad[:, 17], rtol=2.0**-8, atol=0)
+
+
+def test_cross_entropy_loss_only_and_scales_from_the_device(cuda):
+    x, y, weight = make_ce_case(6, 999)
+    loss, grad = _ce(cuda, x, y, weight, _scales(0.25, 3.0), eps=0.1, z_loss=0.01,
+                     need_grad=False)
+    assert grad is None
+    assert_close(loss, ce_reference(x, y, weight, (0.25, 3.0), eps=0.1, z_loss=0.01)[0],
+                 what="loss")
+
+
+def test_cross_entropy_all_ignored_and_inf_scale(cuda):
+    """Every row ignored: zero losses and gradient, even with the inf scale of 'mean'."""
+    x, _, weight = make_ce_case(4, 70)
+    y = torch.full((4,), IGNORE)
+    loss, grad = _ce(cuda, x, y, weight, _scales(float("inf"), float("inf")), eps=0.1)
+    assert torch.all(loss == 0) and torch.all(grad == 0)
+
+
+def test_cross_entropy_runs_on_the_current_stream(cuda):
+    x, y, weight = make_ce_case(64, 3000)
+    xd, yd, wd = x.to(DEV), y.to(DEV), weight.to(DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loss, grad = cuda.cross_entropy_fwd(xd, yd, wd, _scales(), ignore_index=IGNORE,
+                                            label_smoothing=0.1, z_loss=0.0, softcap=None,
+                                            soft_target=False, inplace=False, need_grad=True)
+    side.synchronize()
+    ref_loss, ref_grad = ce_reference(x, y, weight, eps=0.1)
+    assert_close(loss.cpu(), ref_loss, what="loss")
+    assert_close(grad.cpu(), ref_grad, what="grad")
+
+
+def test_second_device(cuda):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    dev = torch.device("cuda", 1)
+    x, y, weight = make_ce_case(8, 20000)
+    loss, grad = cuda.cross_entropy_fwd(x.to(dev), y.to(dev), weight.to(dev),
+                                        _scales(device=dev), ignore_index=IGNORE,
+                                        label_smoothing=0.1, z_loss=0.0, softcap=None,
+                                        soft_target=False, inplace=False, need_grad=True)
+    assert loss.device == dev and grad.device == dev
+    ref_loss, ref_grad = ce_reference(x, y, weight, eps=0.1)
+    assert_close(loss.cpu(), ref_loss, what="loss")
+    assert_close(grad.cpu(), ref_grad, what="grad")
+
+
+# ----------------------------------------------------------------------------- softmax focal
+
+def _focal(cuda, x, y, alpha=None, scale=1.0, *, gamma, label_smoothing, ignore_index=IGNORE,
+           need_grad=True):
+    loss, grad = cuda.focal_loss_fwd(
+        x.to(DEV), y.to(DEV), None if alpha is None else alpha.to(DEV), _scales(scale, 1.0),
+        gamma=gamma, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        need_grad=need_grad)
+    return loss.cpu(), None if grad is None else grad.cpu()
+
+
+@pytest.mark.parametrize("c", [1, 7, 4097, 16385, 32000])
+@pytest.mark.parametrize("gamma,smooth,with_alpha", [(2.0, 0.0, False), (0.5, 0.1, True),
+                                                     (0.0, 0.0, True), (2.0, 0.2, False),
+                                                     (3.5, 0.0, True)])
+def test_focal_loss(cuda, c, gamma, smooth, with_alpha):
+    n = 4 if c > 5000 else 10
+    x, y, _ = make_ce_case(n, c, spread=3.0)
+    y[0] = min(3, c - 1)
+    alpha = torch.rand(c) + 0.25 if with_alpha else None
+    loss, grad = _focal(cuda, x, y, alpha, 0.5, gamma=gamma, label_smoothing=smooth)
+    ref_loss, ref_grad = focal_reference(x, y, alpha, gamma, smooth, scale=0.5)
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+
+
+def test_focal_gamma_zero_is_cross_entropy(cuda):
+    x, y, _ = make_ce_case(9, 333)
+    loss, grad = _focal(cuda, x, y, gamma=0.0, label_smoothing=0.1)
+    ref_loss, ref_grad = ce_reference(x, y, eps=0.1)
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+
+
+def test_focal_confident_rows_keep_a_finite_gradient(cuda):
+    x = torch.zeros(3, 50)
+    x[:, 4] = 60.0  # p_y rounds to 1
+    y = torch.tensor([4, 4, 9])
+    for gamma in (0.0, 0.5, 2.0):
+        loss, grad = _focal(cuda, x, y, gamma=gamma, label_smoothing=0.0)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+        ref_loss, ref_grad = focal_reference(x, y, None, gamma, 0.0)
+        assert_close(loss, ref_loss, what="loss")
+        assert_close(grad, ref_grad, what="grad")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_focal_out_of_range_and_ignored_rows(cuda, index_dtype):
+    x, y, _ = make_ce_case(5, 20, ignore_row=None)
+    ignore = 200 if index_dtype == torch.uint8 else IGNORE
+    y[1], y[2], y[3] = ignore, 20, 255 if index_dtype == torch.uint8 else -3
+    loss, grad = _focal(cuda, x, y.to(index_dtype), gamma=2.0, label_smoothing=0.1,
+                        ignore_index=ignore)
+    assert loss[1] == 0 and torch.all(grad[1] == 0)
+    assert torch.isnan(loss[[2, 3]]).all() and torch.isnan(grad[[2, 3]]).all()
+    ref_loss, ref_grad = focal_reference(x[[0, 4]], y[[0, 4]], None, 2.0, 0.1)
+    assert_close(loss[[0, 4]], ref_loss, what="loss")
+    assert_close(grad[[0, 4]], ref_grad, what="grad")
+
+
+@pytest.mark.parametrize("c", [33, 40000])
+def test_focal_strided_and_misaligned_rows(cuda, c):
+    base = torch.randn(6, c + 3) * 2
+    y = torch.randint(0, c, (6,))
+    on_device = base.to(DEV)
+    for rows in (lambda b: b[:, 1:c + 1], lambda b: b[::2, :c]):
+        x = rows(on_device)  # a view: misaligned rows, or rows 2 (C + 3) apart
+        loss, grad = _focal(cuda, x, y[:x.shape[0]], gamma=1.5, label_smoothing=0.05)
+        ref_loss, ref_grad = focal_reference(rows(base), y[:x.shape[0]], None, 1.5, 0.05)
+        assert_close(loss, ref_loss, what="loss")
+        assert_close(grad, ref_grad, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("smooth", [0.0, 0.1])
+def test_focal_low_precision(cuda, dtype, smooth):
+    x, y, _ = make_ce_case(8, 3000, dtype=dtype)
+    alpha = torch.rand(3000) + 0.5
+    loss, grad = _focal(cuda, x, y, alpha, gamma=2.0, label_smoothing=smooth)
+    ref_loss, ref_grad = focal_reference(x, y, alpha, 2.0, smooth)
+    low_loss, low_grad = focal_reference(x.to(DEV), y.to(DEV), alpha.to(DEV), 2.0, smooth,
+                                         dtype=dtype)
+    assert grad.dtype == dtype
+    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
+
+
+def test_focal_repeat_gives_the_same_bits_and_loss_only(cuda):
+    x, y, _ = make_ce_case(7, 20000)
+    a = _focal(cuda, x, y, gamma=2.0, label_smoothing=0.1)
+    b = _focal(cuda, x, y, gamma=2.0, label_smoothing=0.1)
+    assert same_bits(a[0], b[0]) and same_bits(a[1], b[1])
+    loss, grad = _focal(cuda, x, y, gamma=2.0, label_smoothing=0.1, need_grad=False)
+    assert grad is None and same_bits(loss, a[0])
+
+
+# ----------------------------------------------------------------------------- sigmoid focal
+
+def _sigmoid(cuda, x, t, scale=1.0, **kw):
+    kw = dict(alpha=0.25, gamma=2.0, label_smoothing=0.0, reduce=False, need_grad=True) | kw
+    loss, grad = cuda.sigmoid_focal_loss_fwd(x.to(DEV) if x.device.type == "cpu" else x,
+                                             t.to(DEV) if t.device.type == "cpu" else t,
+                                             _scales(scale, 1.0), **kw)
+    return loss.cpu(), None if grad is None else grad.cpu()
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 4095, 4096, 3 * 4096 + 5])
+@pytest.mark.parametrize("alpha,gamma,smooth", [(0.25, 2.0, 0.1), (-1.0, 0.0, 0.0),
+                                                (0.6, 0.5, 0.0)])
+def test_sigmoid_focal_loss(cuda, reduce, n, alpha, gamma, smooth):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 3
+    t = (torch.rand(n, generator=g) < 0.3).float()
+    loss, grad = _sigmoid(cuda, x, t, 0.25, alpha=alpha, gamma=gamma, label_smoothing=smooth,
+                          reduce=reduce)
+    ref_loss, ref_grad = sigmoid_focal_reference(x, t, alpha, gamma, smooth, scale=0.25)
+    assert_close(grad, ref_grad, what="grad")
+    if reduce:
+        assert loss.dtype == F32 and loss.numel() == -(-n // cuda.losses.SIGMOID_FOCAL_SPAN)
+        assert_close(loss.sum(), ref_loss.sum(), rtol=1e-5, what="loss")
+    else:
+        assert_close(loss, ref_loss, what="loss")
+
+
+def test_sigmoid_focal_misaligned_and_multidimensional(cuda):
+    """A view starting one element in (scalar path) and a 3-D tensor (treated as flat)."""
+    base_x, base_t = torch.randn(9001) * 2, (torch.rand(9001) < 0.5).float()
+    x, t = base_x.to(DEV)[1:], base_t.to(DEV)[1:]
+    loss, grad = _sigmoid(cuda, x, t)
+    ref_loss, ref_grad = sigmoid_focal_reference(base_x[1:], base_t[1:])
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+    x3, t3 = base_x[:9000].view(10, 30, 30), base_t[:9000].view(10, 30, 30)
+    loss, grad = _sigmoid(cuda, x3, t3)
+    ref_loss, ref_grad = sigmoid_focal_reference(x3, t3)
+    assert loss.shape == x3.shape
+    assert_close(loss, ref_loss, what="loss")
+    assert_close(grad, ref_grad, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_sigmoid_focal_low_precision(cuda, dtype):
+    x = (torch.randn(5000) * 3).to(dtype)
+    t = (torch.rand(5000) < 0.3).to(dtype)
+    loss, grad = _sigmoid(cuda, x, t, label_smoothing=0.1)
+    ref_loss, ref_grad = sigmoid_focal_reference(x, t, 0.25, 2.0, 0.1)
+    low_loss, low_grad = sigmoid_focal_reference(x.to(DEV), t.to(DEV), 0.25, 2.0, 0.1,
+                                                 dtype=dtype)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
+
+
+def test_sigmoid_focal_partials_are_deterministic_and_loss_only(cuda):
+    x, t = torch.randn(50_000) * 2, (torch.rand(50_000) < 0.2).float()
+    a, _ = _sigmoid(cuda, x, t, reduce=True)
+    b, grad = _sigmoid(cuda, x, t, reduce=True, need_grad=False)
+    assert grad is None and same_bits(a, b)
+
+
+# ----------------------------------------------------------------------------- scale_grad
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize("n,offset", [(10_001, 0), (4096 * 3, 0), (999, 1), (1, 0)])
+def test_scale_grad(cuda, dtype, n, offset):
+    base = torch.randn(n + offset + 3, device=DEV).to(dtype)
+    g = base[offset:offset + n]  # offset 1: not 16-byte aligned, the scalar path
+    outside = torch.cat([base[:offset], base[offset + n:]]).clone()
+    before = g.clone()
+    cuda.scale_grad_(g, torch.tensor(1.0, device=DEV))
+    assert same_bits(g, before)
+    cuda.scale_grad_(g, torch.tensor(0.37, device=DEV))
+    assert same_bits(g, (before.float() * 0.37).to(dtype))
+    assert same_bits(torch.cat([base[:offset], base[offset + n:]]), outside)
