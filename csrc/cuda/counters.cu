@@ -15,6 +15,7 @@ struct CounterBatch {
   float* ptr[kCounterBatch];
   int n;
 };
+static_assert(sizeof(CounterBatch) <= 32764, "kernel parameters above 32 KB");
 
 __global__ void counters_kernel(const __grid_constant__ CounterBatch batch, bool set_one,
                                 const float* skip) {

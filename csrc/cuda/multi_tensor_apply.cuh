@@ -7,13 +7,14 @@
 // addresses of every list for its slots, the element counts, and per chunk its slot and
 // first element -- BY VALUE as the kernel argument (a __grid_constant__ parameter, read from
 // the constant bank: no device allocation, no host-to-device copy, nothing to free, and
-// safe to capture in a CUDA graph). The table is about 9-12 KB: kernel parameters above the
+// safe to capture in a CUDA graph). The table is 6-11 KB: kernel parameters above the
 // classic 4 KB need CUDA 12.1+ and a Volta or newer GPU; we build for sm_80/sm_90 with
 // CUDA 12.1+ only (setup.py).
 //
 // One block runs one chunk. `Op` is a functor called by every thread of the block as
 // op(table, slot, chunk, start, length); it walks [start, start + length) of the tensors of
-// `slot`. All offsets are 64-bit.
+// `slot` (for_each_group below). All offsets are 64-bit. Layout and limits:
+// docs/cuda_optim.md.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -28,7 +29,7 @@ constexpr int kMaxTensors = 96;          // tensor slots per launch
 constexpr int kMaxChunks = 512;          // chunks (= blocks) per launch
 constexpr int64_t kChunkSize = 65536;    // elements per chunk
 constexpr int kBlockThreads = 512;       // threads per block
-constexpr int kIlp = 4;                  // elements in flight per thread
+constexpr int kIlp = 4;                  // elements per group (one vector access)
 
 template <int kLists>
 struct TensorTable {
@@ -65,6 +66,8 @@ inline bool plan_fits(const MultiTensorPlan& plan) {
 template <int kLists, typename Fill, typename Op>
 cudaError_t launch_multi_tensor(const MultiTensorPlan& plan, const int64_t* numel,
                                 const Fill& fill, const Op& op, cudaStream_t stream) {
+  static_assert(sizeof(TensorTable<kLists>) + sizeof(Op) <= 32764,
+                "kernel parameters above the 32 KB limit of CUDA 12.1+");
   if (!plan_fits(plan)) return cudaErrorInvalidValue;
   for (const LaunchRange& l : plan.launches) {
     TensorTable<kLists> table{};
