@@ -41,10 +41,12 @@ step "gpu-marked tests"
 "$PY" -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest-gpu.txt"
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in memcheck racecheck; do
+    for tool in memcheck racecheck synccheck; do
         step "compute-sanitizer --tool $tool (cuda backend tests)"
+        # the 2^20-row grid-stride case is left to the plain run (too slow instrumented)
         compute-sanitizer --tool "$tool" --error-exitcode 1 \
-            "$PY" -m pytest -q -x -m gpu -p no:cacheprovider tests/backends/test_cuda_losses.py \
+            "$PY" -m pytest -q -x -m gpu -p no:cacheprovider -k "not more_rows_than_blocks" \
+            tests/backends/test_cuda_losses.py tests/backends/test_cuda_focal.py \
             tests/backends/test_cuda_optim.py 2>&1 | tee "$OUT_DIR/sanitizer-$tool.txt"
     done
 else
