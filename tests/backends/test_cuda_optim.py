@@ -433,14 +433,17 @@ def test_misaligned_tensors_take_the_element_path_with_the_same_bits(optim, dtyp
         storage = torch.zeros(t.numel() + offset, dtype=dt or t.dtype, device=DEV)
         view = storage[offset:].view(t.shape)
         view.copy_(t)
+        assert view.data_ptr() % (4 * view.element_size()) != 0  # no vector access
         return view
 
     runs = []
     for move in [lambda t, dt=None: t.clone() if dt is None else t.to(dt, copy=True), shifted]:
-        adam = AdamBucket(optim, [move(p) for p in params], amsgrad=True)
+        adam = AdamBucket(optim, params, amsgrad=True)  # (the buckets clone: aligned)
+        adam.params = [move(p) for p in params]
         adam.exp_avgs = [move(m) for m in adam.exp_avgs]
         adam.masters = [move(p, F32) for p in params]
-        sgd = SgdBucket(optim, [move(p) for p in params], momentum=0.9)
+        sgd = SgdBucket(optim, params, momentum=0.9)
+        sgd.params = [move(p) for p in params]
         sgd.buffers = [move(b) for b in sgd.buffers]
         for g in grads:
             moved = [move(x) for x in g]
