@@ -185,10 +185,10 @@ cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, float* workspace, cud
     const CeArgs args{p, weighted_smoothing ? workspace : nullptr, smem > 0};
     return FO_BOOL_SWITCH(p.softcap > 0.0f, kCapped, [&] {
       if (p.soft_target)
-        return launch_rows(soft_target_kernel<T, kCapped>, p.n_rows, smem, stream, args);
+        return launch_rows<soft_target_kernel<T, kCapped>>(p.n_rows, smem, stream, args);
       return FO_BOOL_SWITCH(p.label_smoothing > 0.0f, kSmoothing, [&] {
-        return launch_rows(class_target_kernel<T, kCapped, kSmoothing>, p.n_rows, smem, stream,
-                           args);
+        return launch_rows<class_target_kernel<T, kCapped, kSmoothing>>(p.n_rows, smem, stream,
+                                                                         args);
       });
     });
   });

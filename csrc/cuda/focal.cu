@@ -195,7 +195,7 @@ cudaError_t focal_loss_fwd(const FocalParams& p, cudaStream_t stream) {
   if (p.n_rows == 0) return cudaSuccess;
   return FO_DTYPE_SWITCH(p.dtype, T, [&] {
     const size_t smem = row_cache_bytes<T>(p.n_cols);
-    return launch_rows(focal_kernel<T>, p.n_rows, smem, stream, FocalArgs{p, smem > 0});
+    return launch_rows<focal_kernel<T>>(p.n_rows, smem, stream, FocalArgs{p, smem > 0});
   });
 }
 

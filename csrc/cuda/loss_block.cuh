@@ -6,6 +6,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "fusedopt/dispatch.h"
@@ -159,14 +160,30 @@ inline unsigned loss_grid(int64_t rows) {
   return static_cast<unsigned>(rows < int64_t(kMaxLossBlocks) ? rows : int64_t(kMaxLossBlocks));
 }
 
-// Launches a row kernel with `smem` bytes of row cache (opting in above the default
-// limit) and returns the launch's error.
-template <typename Args>
-cudaError_t launch_rows(void (*kernel)(Args), int64_t n_rows, size_t smem, cudaStream_t stream,
-                        const Args& args) {
+// Lets `kernel` use the whole row cache (kRowCacheBytes of dynamic shared memory, above the
+// default limit), once per device: the setting is per kernel and device, so later launches
+// (and launches captured in a CUDA graph) make no runtime call for it. Devices beyond the
+// first 64 ordinals set it at every launch.
+template <auto kernel>
+cudaError_t allow_row_cache() {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             int(kRowCacheBytes));
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_release);
+  return err;
+}
+
+// Launches a row kernel over n_rows rows with `smem` bytes of row cache and returns the
+// launch's error.
+template <auto kernel, typename Args>
+cudaError_t launch_rows(int64_t n_rows, size_t smem, cudaStream_t stream, const Args& args) {
   if (smem > kSmemWithoutOptIn) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    const cudaError_t err = allow_row_cache<kernel>();
     if (err != cudaSuccess) return err;
   }
   kernel<<<loss_grid(n_rows), kLossThreads, smem, stream>>>(args);
