@@ -8,33 +8,17 @@ import math
 import pytest
 import torch
 
-from cpu_optim_helpers import (F32, SHAPES, AdamBucket, SgdBucket, assert_close_list,
-                               assert_same_bits, backends, bits, cpu, grad_steps,
-                               make_tensors, optim, scalar, torch_run, with_threads, _cpu)
-
-ADAM_VARIANTS = [
-    dict(decoupled=False),
-    dict(decoupled=False, weight_decay=0.1),
-    dict(decoupled=True, weight_decay=0.1),
-    dict(decoupled=True, weight_decay=0.05, amsgrad=True),
-    dict(decoupled=False, weight_decay=0.1, amsgrad=True, maximize=True),
-    dict(decoupled=True, maximize=True, betas=(0.3, 0.9)),  # lerp weight >= 0.5
-    dict(decoupled=False, eps=1e-3, betas=(0.8, 0.95), lr=0.1),
-]
+from cpu_optim_helpers import (ADAM_VARIANTS, F32, SGD_VARIANTS, SHAPES, AdamBucket,
+                               SgdBucket, assert_close_list, assert_same_bits, backends, bits,
+                               cpu, grad_steps, make_tensors, optim, scalar, torch_adam_kwargs,
+                               torch_run, variant_id, with_threads, _cpu)
 
 
-def _torch_adam_kwargs(v):
-    kw = dict(lr=v.get("lr", 1e-2), betas=v.get("betas", (0.9, 0.999)), eps=v.get("eps", 1e-8),
-              weight_decay=v.get("weight_decay", 0.0), amsgrad=v.get("amsgrad", False),
-              maximize=v.get("maximize", False))
-    return (torch.optim.AdamW if v["decoupled"] else torch.optim.Adam), kw
-
-
-@pytest.mark.parametrize("variant", ADAM_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("variant", ADAM_VARIANTS, ids=variant_id)
 def test_adam_matches_torch_over_steps(variant):
     params = make_tensors(SHAPES, seed=0)
     grads = grad_steps(SHAPES, 5)
-    cls, kw = _torch_adam_kwargs(variant)
+    cls, kw = torch_adam_kwargs(variant)
     ref, ref_opt = torch_run(cls, params, grads, **kw)
     ours = AdamBucket(params, amsgrad=kw["amsgrad"])
     step_kw = {k: variant[k] for k in variant if k != "amsgrad"}
@@ -50,17 +34,7 @@ def test_adam_matches_torch_over_steps(variant):
         assert ours.steps[i].item() == 5.0  # zero-size tensors count their steps too
 
 
-SGD_VARIANTS = [
-    dict(momentum=0.0),
-    dict(momentum=0.0, weight_decay=0.1, maximize=True),
-    dict(momentum=0.9),
-    dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
-    dict(momentum=0.9, nesterov=True, weight_decay=0.1),
-    dict(momentum=0.5, nesterov=True, maximize=True, lr=0.1),
-]
-
-
-@pytest.mark.parametrize("variant", SGD_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("variant", SGD_VARIANTS, ids=variant_id)
 def test_sgd_matches_torch_over_steps(variant):
     params = make_tensors(SHAPES, seed=0)
     grads = grad_steps(SHAPES, 5)

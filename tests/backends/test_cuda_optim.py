@@ -12,14 +12,15 @@ import math
 import pytest
 import torch
 
+import cpu_optim_helpers as helpers
+from cpu_optim_helpers import (ADAM_VARIANTS, F32, SGD_VARIANTS, SHAPES, assert_close_list,
+                               assert_same_bits, bits, torch_adam_kwargs, torch_run,
+                               variant_id)
 from fusedopt import backends
 
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
-F32 = torch.float32
-# a zero-size tensor, odd sizes, and one spanning several 65536-element chunks
-SHAPES = [(5, 7), (0,), (13,), (1,), (3, 4, 2), (65_536 * 2 + 17,)]
 
 
 @pytest.fixture(scope="module")
@@ -32,124 +33,31 @@ def optim():
 
 
 def make_tensors(shapes, *, seed, dtype=F32, scale=1.0, device=DEV):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=gen) * scale).to(device, dtype) for s in shapes]
+    return helpers.make_tensors(shapes, seed=seed, dtype=dtype, scale=scale, device=device)
 
 
 def grad_steps(shapes, steps, *, seed=1, dtype=F32, scale=1.0, device=DEV):
-    return [make_tensors(shapes, seed=seed + k, dtype=dtype, scale=scale, device=device)
-            for k in range(steps)]
+    return helpers.grad_steps(shapes, steps, seed=seed, dtype=dtype, scale=scale, device=device)
 
 
 def scalar(value):
     return torch.tensor(value, dtype=F32, device=DEV)
 
 
-class AdamBucket:
-    """Params + fp32 states of one bucket, stepped with ``module.adam_step``."""
-
-    def __init__(self, module, params, *, amsgrad=False, master=False):
-        self.module = module
-        self.params = [p.clone() for p in params]
-        zeros = lambda: [torch.zeros_like(p, dtype=F32) for p in params]  # noqa: E731
-        self.exp_avgs, self.exp_avg_sqs = zeros(), zeros()
-        self.max_sqs = zeros() if amsgrad else None
-        self.masters = [p.to(F32, copy=True) for p in params] if master else None
-        self.steps = [torch.zeros((), dtype=F32, device=p.device) for p in params]
-        self.amsgrad, self.cache = amsgrad, {}
-
-    def step(self, grads, *, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-             decoupled=False, maximize=False, inv_scale=None, clip_coef=None, skip=None):
-        self.module.adam_step(self.params, grads, self.exp_avgs, self.exp_avg_sqs, self.max_sqs,
-                              self.masters, self.steps, lr=lr, beta1=betas[0], beta2=betas[1],
-                              eps=eps, weight_decay=weight_decay, amsgrad=self.amsgrad,
-                              maximize=maximize, decoupled=decoupled, inv_scale=inv_scale,
-                              clip_coef=clip_coef, skip=skip, cache=self.cache)
-
-    def tensors(self):
-        out = self.params + self.exp_avgs + self.exp_avg_sqs + self.steps
-        return out + (self.max_sqs or []) + (self.masters or [])
+def AdamBucket(module, params, **kw):  # noqa: N802  (builds the shared helper's bucket)
+    return helpers.AdamBucket(params, module=module, **kw)
 
 
-class SgdBucket:
-    """Params + momentum buffers + initialized flags, stepped with ``module.sgd_step``."""
-
-    def __init__(self, module, params, *, momentum=0.0, master=False):
-        self.module = module
-        self.params = [p.clone() for p in params]
-        self.buffers = [torch.zeros_like(p, dtype=F32) for p in params] if momentum else None
-        self.masters = [p.to(F32, copy=True) for p in params] if master else None
-        self.flags = [torch.zeros((), dtype=F32, device=p.device) for p in params]
-        self.momentum, self.cache = momentum, {}
-
-    def step(self, grads, *, lr=1e-2, dampening=0.0, weight_decay=0.0, nesterov=False,
-             maximize=False, inv_scale=None, clip_coef=None, skip=None):
-        self.module.sgd_step(self.params, grads, self.buffers, self.masters, self.flags, lr=lr,
-                             momentum=self.momentum, dampening=dampening,
-                             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                             inv_scale=inv_scale, clip_coef=clip_coef, skip=skip,
-                             cache=self.cache)
-
-    def tensors(self):
-        return self.params + (self.buffers or []) + (self.masters or []) + self.flags
-
-
-def torch_run(cls, params, grads_per_step, *, before_step=None, **kwargs):
-    """torch.optim ``cls`` (single-tensor path) on copies of ``params``, on their device."""
-    ref = [p.clone().requires_grad_() for p in params]
-    opt = cls(ref, foreach=False, **kwargs)
-    for grads in grads_per_step:
-        for r, g in zip(ref, grads):
-            r.grad = g.to(r.dtype).clone()
-        if before_step is not None:
-            before_step(ref)
-        opt.step()
-    return ref, opt
-
-
-def assert_close_list(actual, expected, *, rtol=2e-6, atol=1e-7, what="tensor"):
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a.float().cpu(), e.detach().float().cpu(), rtol=rtol,
-                                   atol=atol, msg=lambda m, i=i: f"{what} {i}: {m}")
-
-
-def bits(tensors):
-    return [t.detach().cpu().clone().reshape(-1).view(torch.uint8) for t in tensors]
-
-
-def assert_same_bits(before, after):
-    for i, (b, a) in enumerate(zip(before, bits(after))):
-        assert torch.equal(b, a), f"tensor {i} changed"
+def SgdBucket(module, params, **kw):  # noqa: N802
+    return helpers.SgdBucket(params, module=module, **kw)
 
 
 # ----------------------------------------------------------------------------- vs torch.optim
 
-ADAM_VARIANTS = [
-    dict(decoupled=False),
-    dict(decoupled=False, weight_decay=0.1),
-    dict(decoupled=True, weight_decay=0.1),
-    dict(decoupled=True, weight_decay=0.05, amsgrad=True),
-    dict(decoupled=False, weight_decay=0.1, amsgrad=True, maximize=True),
-    dict(decoupled=True, maximize=True, betas=(0.3, 0.9)),  # lerp weight >= 0.5
-    dict(decoupled=False, eps=1e-3, betas=(0.8, 0.95), lr=0.1),
-]
-
-
-def _torch_adam(v):
-    kw = dict(lr=v.get("lr", 1e-2), betas=v.get("betas", (0.9, 0.999)), eps=v.get("eps", 1e-8),
-              weight_decay=v.get("weight_decay", 0.0), amsgrad=v.get("amsgrad", False),
-              maximize=v.get("maximize", False))
-    return (torch.optim.AdamW if v["decoupled"] else torch.optim.Adam), kw
-
-
-def _ids(v):
-    return "-".join(f"{k}={v[k]}" for k in v)
-
-
-@pytest.mark.parametrize("variant", ADAM_VARIANTS, ids=_ids)
+@pytest.mark.parametrize("variant", ADAM_VARIANTS, ids=variant_id)
 def test_adam_matches_torch_over_steps(optim, variant):
     params, grads = make_tensors(SHAPES, seed=0), grad_steps(SHAPES, 5)
-    cls, kw = _torch_adam(variant)
+    cls, kw = torch_adam_kwargs(variant)
     ref, ref_opt = torch_run(cls, params, grads, **kw)
     ours = AdamBucket(optim, params, amsgrad=kw["amsgrad"])
     for g in grads:
@@ -164,17 +72,7 @@ def test_adam_matches_torch_over_steps(optim, variant):
     assert [s.item() for s in ours.steps] == [5.0] * len(SHAPES)  # zero-size tensors too
 
 
-SGD_VARIANTS = [
-    dict(momentum=0.0),
-    dict(momentum=0.0, weight_decay=0.1, maximize=True),
-    dict(momentum=0.9),
-    dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
-    dict(momentum=0.9, nesterov=True, weight_decay=0.1),
-    dict(momentum=0.5, nesterov=True, maximize=True, lr=0.1),
-]
-
-
-@pytest.mark.parametrize("variant", SGD_VARIANTS, ids=_ids)
+@pytest.mark.parametrize("variant", SGD_VARIANTS, ids=variant_id)
 def test_sgd_matches_torch_over_steps(optim, variant):
     params, grads = make_tensors(SHAPES, seed=0), grad_steps(SHAPES, 5)
     kw = {"lr": 1e-2, **variant}
