@@ -12,3 +12,4 @@ from fusedopt import backends  # noqa: E402
 from fusedopt import amp, optim  # noqa: E402
 from fusedopt.functional import cross_entropy, focal_loss, sigmoid_focal_loss  # noqa: E402
 from fusedopt import nn  # noqa: E402
+from fusedopt.distributed import vocab_parallel_cross_entropy  # noqa: E402

@@ -36,7 +36,8 @@ DEFAULT_ORDER = {
     "cpu": ("cpu", "torch"),
 }
 
-OPS = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "adam", "sgd")
+OPS = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "vocab_parallel_cross_entropy",
+       "adam", "sgd")
 
 _loaded: dict[str, ModuleType | Exception] = {}
 
