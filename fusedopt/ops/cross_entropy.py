@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedopt.ops import _common
+from fusedopt.ops import _common, _dtensor
 
 _F32 = torch.float32
 
@@ -100,6 +100,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return (_common.rescale(ctx, grad_output),) + (None,) * 12
 
 
+@_dtensor.dtensor_aware("class")
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                   softcap, inplace_backward, backend):
     """The loss for validated arguments (see fusedopt.functional.cross_entropy)."""
@@ -126,7 +127,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         scales = _common.unit_scales(input.device)
 
     need_grad = input.requires_grad and torch.is_grad_enabled()
-    out = CrossEntropyFunction.apply(
+    out = _dtensor.rows_function(logits, CrossEntropyFunction).apply(
         logits, target_rows, weight32, scales, ignore_index, float(label_smoothing),
         float(z_loss), None if softcap is None else float(softcap), soft_target, reduction,
         need_grad, bool(inplace_backward), backend or "")

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedopt.ops import _common
+from fusedopt.ops import _common, _dtensor
 
 _F32 = torch.float32
 
@@ -59,6 +59,7 @@ class FocalLossFunction(torch.autograd.Function):
         return (_common.rescale(ctx, grad_output),) + (None,) * 9
 
 
+@_dtensor.dtensor_aware("class")
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction, label_smoothing, backend):
     """The loss for validated arguments (see fusedopt.functional.focal_loss)."""
     n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedopt.ops import _common
+from fusedopt.ops import _common, _dtensor
 
 _F32 = torch.float32
 
@@ -58,6 +58,7 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
         return (_common.rescale(ctx, grad_output),) + (None,) * 8
 
 
+@_dtensor.dtensor_aware("elementwise")
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction, label_smoothing, backend):
     """The loss for validated arguments (see fusedopt.functional.sigmoid_focal_loss)."""
     logits = input.contiguous()
