@@ -1,13 +1,14 @@
 """Vocab-parallel cross-entropy (logits split over the classes) as an autograd Function
 over torch.library custom ops.
 
-``fusedopt::vocab_parallel_cross_entropy_fwd`` runs the backend's forward on this rank's
-columns: two all-reduces of O(rows) values over the process group named ``group_name``
-(the c10d functional collectives, so the op also runs inside ``torch.compile``), then the
-fp32 row losses of the full rows (the same on every rank) and the gradient of the local
-columns.  ``..._fwd_inplace`` writes that gradient into the logits.  Both have fake
-implementations.  ``VocabParallelCrossEntropyFunction`` keeps the gradient; backward only
-rescales it in place, as for the other losses.
+``fusedopt::vocab_parallel_cross_entropy_fwd`` runs on this rank's columns: the backend's
+row statistics (``vocab_parallel_row_stats``), two all-reduces of O(rows) values over the
+process group named ``group_name`` (c10d functional collectives) that ``_combine`` turns
+into the fp32 row losses of the full rows (the same on every rank) and per-row gradient
+coefficients, then the backend's gradient of the local columns (``vocab_parallel_grad``).
+``..._fwd_inplace`` writes that gradient into the logits.  Both have fake implementations.
+``VocabParallelCrossEntropyFunction`` keeps the gradient; backward only rescales it in
+place, as for the other losses.
 
 ``vocab_parallel_cross_entropy`` below is the loss for validated arguments
 (``fusedopt.distributed.vocab_parallel_cross_entropy`` checks them): layout, device-side
@@ -37,6 +38,55 @@ def _all_reduce(group_name: str):
     return reduce
 
 
+def _combine(stats, target, weight, scales, all_reduce, num_classes, ignore_index,
+             label_smoothing, z_loss, soft_target):
+    """The ranks' row statistics -> (row_loss (N,), gradient coefficients (N, 5)).
+
+    Two all-reduces: the row max, then (exp-sums rescaled to that max, the target logit
+    or sum r·x, the smoothing sum or sum r).  Formulas: docs/architecture.md."""
+    eps, n_classes = label_smoothing, num_classes
+    row_max = stats[:, 0].clone()
+    all_reduce(row_max, "max")
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    rescaled = torch.where(stats[:, 0] == float("-inf"), 0.0,
+                           stats[:, 1] * torch.exp(stats[:, 0] - shift))
+    columns = [rescaled, stats[:, 2]] + ([stats[:, 3]] if soft_target or eps > 0 else [])
+    sums = torch.stack(columns, dim=1)
+    all_reduce(sums, "sum")
+    log_sum = torch.log(sums[:, 0])
+    lse = row_max + log_sum
+    s_ce, s_z = scales[0], scales[1]
+    if soft_target:
+        sum_r = sums[:, 2]
+        ce = lse * sum_r - sums[:, 1]
+        a = s_ce * sum_r
+        b = torch.zeros_like(lse)
+        c = s_ce.expand_as(lse)
+        valid = torch.ones_like(lse, dtype=torch.bool)
+        bad = torch.zeros_like(valid)
+    else:
+        y = target.long()
+        valid = y != ignore_index
+        bad = valid & ((y < 0) | (y >= n_classes))
+        w_y = weight[y.clamp(0, n_classes - 1)] if weight is not None else torch.ones_like(lse)
+        sum_w = weight.sum() if weight is not None else float(n_classes)
+        ce = (1.0 - eps) * w_y * ((row_max - sums[:, 1]) + log_sum)
+        a = (1.0 - eps) * w_y
+        if eps > 0:
+            ce = ce + (eps / n_classes) * (lse * sum_w - sums[:, 2])
+            a = a + (eps / n_classes) * sum_w
+        a = s_ce * a
+        b = s_ce * (1.0 - eps) * w_y
+        c = (s_ce * (eps / n_classes)).expand_as(lse)
+    if z_loss:
+        a = a + 2.0 * s_z * z_loss * lse
+    nan = torch.full((), float("nan"), dtype=_F32, device=lse.device)
+    row_loss = torch.where(valid, s_ce * ce + s_z * z_loss * lse * lse, 0.0)
+    row_loss = torch.where(bad, nan, row_loss)
+    coefs = torch.stack([row_max, log_sum, torch.where(bad, nan, a), b, c], dim=1)
+    return row_loss, coefs
+
+
 def _run(logits, target, weight, scales, group_name, class_offset, num_classes, ignore_index,
          label_smoothing, z_loss, softcap, soft_target, need_grad, inplace, backend):
     impl = _common.backend_module(_OP, logits.device, backend)
@@ -44,11 +94,17 @@ def _run(logits, target, weight, scales, group_name, class_offset, num_classes, 
         _common.check_class_targets(target, num_classes, ignore_index)
     if logits.shape[0] == 0:  # every rank of the group holds the same rows: all return here
         return logits.new_empty(0, dtype=_F32), None
-    return impl.vocab_parallel_cross_entropy_fwd(
-        logits, target, weight, scales, _all_reduce(group_name), class_offset=class_offset,
-        num_classes=num_classes, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap, soft_target=soft_target, inplace=inplace,
-        need_grad=need_grad)
+    n_local = logits.shape[1]
+    local_weight = None if weight is None else weight[class_offset:class_offset + n_local]
+    shard = dict(class_offset=class_offset, num_classes=num_classes, ignore_index=ignore_index,
+                 label_smoothing=label_smoothing, softcap=softcap, soft_target=soft_target)
+    stats = impl.vocab_parallel_row_stats(logits, target, local_weight, **shard)
+    row_loss, coefs = _combine(stats, target, weight, scales, _all_reduce(group_name),
+                               num_classes, ignore_index, label_smoothing, z_loss, soft_target)
+    if not need_grad:
+        return row_loss, None
+    return row_loss, impl.vocab_parallel_grad(logits, target, local_weight, coefs,
+                                              inplace=inplace, **shard)
 
 
 @torch.library.custom_op("fusedopt::vocab_parallel_cross_entropy_fwd", mutates_args=())

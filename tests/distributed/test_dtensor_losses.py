@@ -25,12 +25,12 @@ def _mesh(device, world):
     return _MESHES[key]
 
 
-def _loss_backends(device):
-    """Backends of the loss kernels to run here: all that run on `device` (Triton under the
-    interpreter only for the small cases, see _TRITON_CASES)."""
+def _loss_backends(device, op):
+    """Backends with kernels of `op` on `device` (Triton, under the interpreter on CPU, only
+    for the cases of _TRITON_CASES)."""
     from fusedopt import backends
 
-    return [b for b in backends.usable("cross_entropy", device)]
+    return backends.usable(op, device)
 
 
 _TRITON_CASES = ("everything", "soft", "spatial")
@@ -73,9 +73,8 @@ def check_cross_entropy(rank, world, dist_backend, kind, case_names):
     checked = 0
     for name in case_names:
         case = CE_CASES[name]
-        for backend in _loss_backends(device):
-            if kind == "classes" and backend not in ("torch",):
-                continue  # the vocab-parallel math has only a torch implementation
+        op = "vocab_parallel_cross_entropy" if kind == "classes" else "cross_entropy"
+        for backend in _loss_backends(device, op):
             if backend == "triton" and name not in _TRITON_CASES:
                 continue
             for reduction in REDUCTIONS:

@@ -1,0 +1,151 @@
+"""The vocab-parallel entry points of every backend that has them (row statistics and
+gradient of one rank's columns), with the ops layer's combination of the ranks, emulated
+in one process: the shards' row losses and gradient columns equal F.cross_entropy on the
+full logits in float64.  Covers what the 2-rank tests (tests/distributed) do not reach:
+empty shards, many shards, multi-chunk rows, -inf and huge logits, bad targets."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import require_op
+from fusedopt import backends
+from fusedopt.ops import vocab_parallel
+from loss_helpers import IGNORE, assert_close, assert_lowp_rule
+
+OP = "vocab_parallel_cross_entropy"
+
+
+def emulate(impl, x, y, w, bounds, *, label_smoothing=0.0, z_loss=0.0, softcap=None,
+            soft=False, **kernel_options):
+    """Row losses (from every shard) and the gradient columns of the shards `bounds`,
+    with the two all-reduces of the group replaced by their results (rank order)."""
+    n_classes = x.shape[1]
+    scales = torch.ones(2, dtype=torch.float32, device=x.device)
+    shards = [dict(logits=x[:, lo:hi], target=y[:, lo:hi] if soft else y,
+                   weight=None if w is None else w[lo:hi],
+                   shard=dict(class_offset=lo, num_classes=n_classes, ignore_index=IGNORE,
+                              label_smoothing=label_smoothing, softcap=softcap,
+                              soft_target=soft))
+              for lo, hi in zip(bounds[:-1], bounds[1:])]
+    stats = [impl.vocab_parallel_row_stats(s["logits"], s["target"], s["weight"], **s["shard"],
+                                           **kernel_options) for s in shards]
+    row_max = torch.stack([st[:, 0] for st in stats]).amax(dim=0)
+    contributions = []
+
+    def combine(st, total):
+        def all_reduce(t, op):
+            if op == "max":
+                t.copy_(row_max)
+            elif total is None:
+                contributions.append(t.clone())
+            else:
+                t.copy_(total)
+
+        return vocab_parallel._combine(st, y, w, scales, all_reduce, n_classes, IGNORE,
+                                       label_smoothing, z_loss, soft)
+
+    for st in stats:
+        combine(st, None)
+    total = sum(contributions[1:], contributions[0])
+    losses, grads = [], []
+    for s, st in zip(shards, stats):
+        row_loss, coefs = combine(st, total)
+        losses.append(row_loss)
+        grads.append(impl.vocab_parallel_grad(s["logits"], s["target"], s["weight"], coefs,
+                                              inplace=False, **s["shard"], **kernel_options))
+    return losses, torch.cat(grads, dim=1)
+
+
+def reference(x, y, w, *, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """Per-row loss and d(sum of row losses)/dx in float64 (F.cross_entropy + c·lse²)."""
+    x64 = x.detach().double().requires_grad_()
+    xc = softcap * torch.tanh(x64 / softcap) if softcap is not None else x64
+    target = y.double() if y.is_floating_point() else y
+    loss = F.cross_entropy(xc, target, None if w is None else w.double(), ignore_index=IGNORE,
+                           reduction="none", label_smoothing=label_smoothing)
+    valid = torch.ones_like(loss, dtype=torch.bool) if y.is_floating_point() else y != IGNORE
+    loss = loss + torch.where(valid, z_loss * torch.logsumexp(xc, dim=1) ** 2, 0.0)
+    (grad,) = torch.autograd.grad(loss.sum(), x64)
+    return loss.detach(), grad
+
+
+def inputs(device, n_rows=7, n_classes=13, dtype=torch.float32, seed=0, soft=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = (3.0 * torch.randn(n_rows, n_classes, generator=gen)).to(dtype)
+    if soft:
+        y = torch.softmax(torch.randn(n_rows, n_classes, generator=gen), dim=1).to(dtype)
+    else:
+        y = torch.randint(0, n_classes, (n_rows,), generator=gen)
+        y[::4] = IGNORE
+    w = torch.rand(n_classes, generator=gen) + 0.5
+    return x.to(device), y.to(device), w.to(device)
+
+
+SPLITS = {"one": [0, 13], "two": [0, 7, 13], "uneven_with_empty": [0, 2, 2, 11, 13],
+          "four_with_one_column": [0, 1, 4, 9, 13]}
+FLAGS = {"plain": dict(), "smoothing_weight": dict(label_smoothing=0.2, weighted=True),
+         "z_softcap": dict(z_loss=0.05, softcap=2.5),
+         "everything": dict(label_smoothing=0.1, z_loss=0.01, softcap=3.0, weighted=True)}
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("soft", (False, True), ids=("class", "soft"))
+def test_shards_match_full_logits(backend, split, flags, soft):
+    device = require_op(backend, OP)
+    impl = backends.get(backend)
+    x, y, w = inputs(device, soft=soft)
+    flags = dict(FLAGS[flags])
+    w = w if flags.pop("weighted", False) else None
+    losses, grad = emulate(impl, x, y, w, SPLITS[split], soft=soft, **flags)
+    want, want_grad = reference(x, y, w, **flags)
+    for rank, loss in enumerate(losses):
+        assert torch.equal(loss, losses[0]), f"rank {rank} has another loss than rank 0"
+    assert_close(losses[0], want, what="row loss")
+    assert_close(grad, want_grad, what="grad")
+
+
+def test_multi_chunk_rows(backend):
+    """Rows longer than one chunk (Triton: block_size below the shard width)."""
+    device = require_op(backend, OP)
+    impl = backends.get(backend)
+    options = dict(block_size=4) if backend == "triton" else {}
+    for soft in (False, True):
+        x, y, w = inputs(device, n_classes=37, soft=soft)
+        flags = dict(label_smoothing=0.1, z_loss=0.01, softcap=4.0)
+        losses, grad = emulate(impl, x, y, w, [0, 17, 37], soft=soft, **flags, **options)
+        want, want_grad = reference(x, y, w, **flags)
+        assert_close(losses[1], want, what=f"soft={soft} row loss")
+        assert_close(grad, want_grad, what=f"soft={soft} grad")
+
+
+def test_extreme_logits_and_bad_targets(backend):
+    """A row of -inf on one shard, huge equal logits, a target outside [0, C): finite
+    results where torch's are, NaN loss and gradient row for the bad target."""
+    device = require_op(backend, OP)
+    impl = backends.get(backend)
+    x, y, w = inputs(device, n_rows=4, n_classes=10)
+    x[0, :5] = float("-inf")
+    x[1] = 1e4
+    y[0], y[1], y[2], y[3] = 7, 2, 3, 10
+    losses, grad = emulate(impl, x, y, w, [0, 5, 10], label_smoothing=0.0)
+    want, want_grad = reference(x[:3], y[:3], w)
+    assert_close(losses[0][:3], want, what="row loss")
+    assert_close(grad[:3], want_grad, what="grad")
+    assert torch.isnan(losses[0][3]) and torch.isnan(grad[3]).all()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_low_precision(backend, dtype):
+    device = require_op(backend, OP)
+    impl = backends.get(backend)
+    x, y, w = inputs(device, n_rows=16, n_classes=96, dtype=dtype)
+    losses, grad = emulate(impl, x, y, w, [0, 40, 96], label_smoothing=0.1)
+    want, want_grad = reference(x, y, w, label_smoothing=0.1)
+    assert grad.dtype == dtype
+    assert_close(losses[0], want, rtol=1e-5, atol=1e-5, what="fp32 row loss")
+    full = x.clone().requires_grad_()
+    F.cross_entropy(full, y, w.to(dtype), ignore_index=IGNORE, reduction="sum",
+                    label_smoothing=0.1).backward()
+    assert_lowp_rule(grad, want_grad, full.grad, dtype, what="grad")
