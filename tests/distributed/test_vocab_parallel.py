@@ -202,3 +202,29 @@ def test_needs_an_initialised_process_group():
         pytest.skip("this test process already has a default process group")
     with pytest.raises(RuntimeError, match="init_process_group"):
         fo.vocab_parallel_cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def check_compiles(rank, world, dist_backend):
+    """torch.compile(fullgraph=True) traces through the loss (the custom op is opaque to
+    the compiler, its collectives run inside it) and equals eager, loss and gradient."""
+    device = device_for(dist_backend, rank)
+    x, y, w = make_inputs(CE_CASES["everything"], device, n_classes=8)
+    kw = loss_kwargs(CE_CASES["everything"], "mean")
+
+    def loss_fn(local, target, weight):
+        return fo.vocab_parallel_cross_entropy(local, target, None, weight, **kw)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        local = x.chunk(world, dim=1)[rank].clone().requires_grad_()
+        loss = fn(local, y, w)
+        loss.backward()
+        results.append((loss.detach(), local.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    return True
+
+
+def test_compiles_fullgraph(ranks):
+    dist_backend, pool = ranks
+    assert pool.run(check_compiles, dist_backend, timeout=300) == [True, True]
