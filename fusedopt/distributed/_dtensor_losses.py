@@ -143,10 +143,10 @@ class _VocabParallelRows:
         local_scales = _replicated(scales, mesh).full_tensor()
         _, offsets = compute_local_shape_and_global_offset(logits.shape, mesh, placements)
         out = vocab_parallel.VocabParallelCrossEntropyFunction.apply(
-            _common.as_rows(logits.to_local()), target.to_local(), local_weight, local_scales,
-            mesh.get_group(tp).group_name, offsets[1], logits.shape[1], ignore_index,
-            label_smoothing, z_loss, softcap, soft_target, reduction, need_grad, inplace,
-            backend)
+            _common.as_rows(logits.to_local()), target.to_local().contiguous(), local_weight,
+            local_scales, mesh.get_group(tp).group_name, offsets[1], logits.shape[1],
+            ignore_index, label_smoothing, z_loss, softcap, soft_target, reduction, need_grad,
+            inplace, backend)
         if reduction == "none":
             return DTensor.from_local(out, mesh, row_placements, run_check=False,
                                       shape=logits.shape[:1], stride=(1,))

@@ -335,3 +335,51 @@ def test_two_dim_mesh():
         pytest.skip(reason)
     checked = rank_pool(4, "gloo").run(check_two_dim_mesh, "gloo")
     assert checked == [3 * 2 * len(REDUCTIONS)] * 4
+
+
+def check_edge_cases(rank, world, dist_backend):
+    """Plain soft targets of class-split logits, a rank without rows or without classes,
+    no rows at all, a target split unlike the logits, and (N, C, d) logits split over the
+    classes (still the vocab-parallel path: no logits gathered)."""
+    import fusedopt as fo
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    device = device_for(dist_backend, rank)
+    mesh = _mesh(device, world)
+
+    def check(tag, x, y, w, logits_placement, target=None, **kw):
+        kw.setdefault("reduction", "mean")
+        dx = distribute_tensor(x, mesh, [logits_placement]).requires_grad_()
+        with CommDebugMode() as comm:
+            loss = fo.cross_entropy(dx, y if target is None else target, w, **kw)
+            loss.sum().backward()
+        want, want_grad = reference_and_grad(x, y, w, torch.ones(loss.shape, device=device),
+                                             **kw)
+        assert_close(loss.full_tensor(), want, f"{tag}: loss")
+        assert_close(dx.grad.full_tensor(), want_grad, f"{tag}: grad")
+        return {str(op) for op, n in comm.get_comm_counts().items() if n}
+
+    x, y, w = make_inputs(CE_CASES["soft"], device)
+    check("plain soft target", x, y, w, Shard(1), label_smoothing=0.1)
+    x, y, w = make_inputs(CE_CASES["weight_ignore"], device, n_rows=1)
+    check("one row on two ranks", x, y, w, Shard(0), distribute_tensor(y, mesh, [Shard(0)]),
+          ignore_index=IGNORE)
+    x, y, w = make_inputs(CE_CASES["plain"], device, n_classes=1)
+    check("one class on two ranks", x, y, w, Shard(1), label_smoothing=0.2, z_loss=0.1)
+    x, y, w = make_inputs(CE_CASES["plain"], device, n_rows=0)
+    for reduction in REDUCTIONS:
+        check(f"no rows {reduction}", x, y, w, Shard(1), reduction=reduction)
+    x, y, w = make_inputs(CE_CASES["weight_ignore"], device)
+    check("target replicated, logits split by rows", x, y, w, Shard(0),
+          distribute_tensor(y, mesh, [Replicate()]), ignore_index=IGNORE)
+    x, y, w = make_inputs(CE_CASES["spatial"], device)
+    ops = check("(N, C, d) split over the classes", x, y, w, Shard(1), ignore_index=IGNORE,
+                label_smoothing=0.1)
+    assert all("all_reduce" in op for op in ops), ops
+    return True
+
+
+def test_edge_cases(ranks):
+    dist_backend, pool = ranks
+    assert pool.run(check_edge_cases, dist_backend) == [True, True]
