@@ -8,4 +8,5 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("max_threads", [] { return omp_get_max_threads(); });
   fusedopt::bind::register_cpu_losses(m);
   fusedopt::bind::register_cpu_optim(m);
+  fusedopt::bind::register_cpu_vocab_parallel(m);
 }

@@ -281,8 +281,8 @@ def check_dtensor_refusals(rank, world, dist_backend):
     with pytest.raises(IndexError, match=f"target value {x.shape[1]} is out of range"):
         fo.cross_entropy(rows, distribute_tensor(bad, mesh, [Shard(0)]), ignore_index=IGNORE)
     classes = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
-    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run vocab_parallel"):
-        fo.cross_entropy(classes, distribute_tensor(y, mesh, [Replicate()]), backend="cpu",
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run vocab_parallel"):
+        fo.cross_entropy(classes, distribute_tensor(y, mesh, [Replicate()]), backend="cuda",
                          ignore_index=IGNORE)
     dist.barrier()
     return True
@@ -291,7 +291,7 @@ def check_dtensor_refusals(rank, world, dist_backend):
 def test_dtensor_refusals(ranks):
     dist_backend, pool = ranks
     if dist_backend != "gloo":
-        pytest.skip("the cpu backend's refusal is a CPU-tensor case")
+        pytest.skip("the cuda backend's refusal of CPU tensors is a gloo case")
     assert pool.run(check_dtensor_refusals, dist_backend) == [True, True]
 
 

@@ -149,3 +149,39 @@ def test_low_precision(backend, dtype):
     F.cross_entropy(full, y, w.to(dtype), ignore_index=IGNORE, reduction="sum",
                     label_smoothing=0.1).backward()
     assert_lowp_rule(grad, want_grad, full.grad, dtype, what="grad")
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    device = require_op("cpu", OP)
+    impl = backends.get("cpu")
+    for soft in (False, True):
+        x, y, w = inputs(device, n_rows=256, n_classes=301, soft=soft)
+        runs = [emulate(impl, x, y, w, [0, 150, 301], soft=soft, label_smoothing=0.1,
+                        softcap=3.0, num_threads=n) for n in (1, 2)]
+        assert torch.equal(runs[0][0][0], runs[1][0][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_cpu_kernel_boundary_refuses_bad_tensors():
+    """What reaches the C++ kernels is checked first: a tensor subclass, a layout the
+    kernel cannot walk, a class range outside the vocabulary, wrong-sized side tensors."""
+    require_op("cpu", OP)
+    impl = backends.get("cpu")
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    shard = dict(class_offset=0, num_classes=6, ignore_index=IGNORE, label_smoothing=0.1,
+                 softcap=None, soft_target=False)
+
+    class Subclass(torch.Tensor):
+        pass
+
+    with pytest.raises(TypeError, match="plain CPU torch.Tensor"):
+        impl.vocab_parallel_row_stats(x.as_subclass(Subclass), y, None, **shard)
+    with pytest.raises(ValueError, match="stride"):
+        impl.vocab_parallel_row_stats(torch.randn(6, 4).t(), y, None, **shard)
+    with pytest.raises(ValueError, match="must lie in"):
+        impl.vocab_parallel_row_stats(x, y, None, **dict(shard, class_offset=2))
+    with pytest.raises(ValueError, match="weight"):
+        impl.vocab_parallel_row_stats(x, y, torch.ones(7), **shard)
+    with pytest.raises(TypeError, match="class targets"):
+        impl.vocab_parallel_row_stats(x, y.float(), None, **shard)
+    with pytest.raises(ValueError, match="coefs"):
+        impl.vocab_parallel_grad(x, y, None, torch.zeros(4, 4), inplace=False, **shard)

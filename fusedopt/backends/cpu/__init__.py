@@ -20,10 +20,12 @@ else:
 
 if _cpu is not None:
     from fusedopt.backends.cpu import losses as _losses, optim as _optim
+    from fusedopt.backends.cpu import vocab_parallel as _vocab_parallel
     from fusedopt.backends.cpu.losses import *  # noqa: F401,F403  (entry points in __all__)
     from fusedopt.backends.cpu.optim import *  # noqa: F401,F403
+    from fusedopt.backends.cpu.vocab_parallel import *  # noqa: F401,F403
 
-    OPS: frozenset[str] = _losses.OPS | _optim.OPS
+    OPS: frozenset[str] = _losses.OPS | _optim.OPS | _vocab_parallel.OPS
 else:
     OPS = frozenset()
 
