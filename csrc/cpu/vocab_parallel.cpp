@@ -6,7 +6,8 @@
 // classes [offset, offset + C) of num_classes, x = s tanh(l/s) with soft-capping:
 //   row stats  = [max_j x_j, sum_j exp(x_j - max), x_y if y is local else 0,
 //                 sum_j w_j x_j (smoothing, else 0)]
-//   soft target: [max, sum exp, sum_j r_j x_j, sum_j r_j],  r_j = w_j ((1-eps) q_j + eps/num_classes)
+//   soft target: [max, sum exp, sum_j r_j x_j, sum_j r_j],
+//                r_j = w_j ((1-eps) q_j + eps/num_classes)
 //   gradient from coefs = [row_max, log_sum, a, b, c] (the full row, combined):
 //     dx_j = exp(x_j - row_max) a / exp(log_sum) - t_j,   dl_j = dx_j (1 - (x_j/s)^2)
 //     class: t_j = c w_j + b [offset + j == y];  soft: t_j = c r_j
@@ -230,7 +231,8 @@ int vocab_parallel_row_stats(const VocabParallelParams& p, int num_threads) {
       });
     } else {
       class_rows(
-          p, num_threads, [&](int64_t row, int64_t y) { class_stats_row<T, kCap, kMode>(p, row, y); },
+          p, num_threads,
+          [&](int64_t row, int64_t y) { class_stats_row<T, kCap, kMode>(p, row, y); },
           [&](int64_t row) {
             float* out = p.stats + row * 4;
             out[0] = -loss_math::kInf;
@@ -253,7 +255,8 @@ int vocab_parallel_grad(const VocabParallelParams& p, int num_threads) {
       });
     } else {
       class_rows(
-          p, num_threads, [&](int64_t row, int64_t y) { class_grad_row<T, kCap, kMode>(p, row, y); },
+          p, num_threads,
+          [&](int64_t row, int64_t y) { class_grad_row<T, kCap, kMode>(p, row, y); },
           [&](int64_t row) {
             std::memset(static_cast<T*>(p.grad) + row * p.grad_row_stride, 0,
                         sizeof(T) * size_t(p.n_cols));
