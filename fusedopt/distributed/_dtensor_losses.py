@@ -64,7 +64,7 @@ def _check_class_targets(target, n_classes, ignore_index):
         _common.check_class_targets(target.full_tensor(), n_classes, ignore_index)
 
 
-def _rows_split(placements, n_rows, mesh) -> bool:
+def _each_rank_has_rows(placements, n_rows, mesh) -> bool:
     shards = [mesh.size(d) for d, p in enumerate(placements) if p == Shard(0)]
     return n_rows >= max(1, torch.Size(shards).numel())
 
@@ -75,7 +75,7 @@ def _inplace_ready(input):
     first, and the copy is overwritten (as for the layouts copied on one device)."""
     if input.dim() != 2 or vocab_mesh_dim(input) is not None:
         return input
-    keep = [p if p == Replicate() or (p == Shard(0) and _rows_split(
+    keep = [p if p == Replicate() or (p == Shard(0) and _each_rank_has_rows(
         input.placements, input.shape[0], input.device_mesh)) else Replicate()
         for p in input.placements]
     if tuple(keep) == tuple(input.placements):
