@@ -33,11 +33,11 @@ intermediate tensor is allocated.  Ignored rows write zeros and read nothing.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedopt.backends.triton._interpreter import INTERPRETED, loop_bound
 
 __all__ = ["cross_entropy_fwd"]
 
@@ -58,10 +58,6 @@ def num_warps_for(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-# The interpreter casts fp32 -> bf16 by truncation; the GPU rounds to nearest even.
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
 def check_block_size(block: int) -> int:
     if block < 1 or block & (block - 1):
         raise ValueError(f"block_size must be a positive power of two, got {block}")
@@ -70,7 +66,8 @@ def check_block_size(block: int) -> int:
 
 @triton.jit
 def _cast_for(v, ptr):
-    """fp32 v in the element type of ptr, rounded to nearest even on every target."""
+    """fp32 v in the element type of ptr, rounded to nearest even on every target (the
+    interpreter casts fp32 -> bf16 by truncation; the GPU rounds to nearest even)."""
     if INTERPRETED:
         if ptr.dtype.element_ty == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
@@ -139,7 +136,7 @@ def _store_grad(out_row, cols, mask, x, row_max, log_sum, a, t, row_nan, softcap
 
 @triton.jit
 def _zero_row(out_row, n_cols, offs, BLOCK: tl.constexpr):
-    for start in range(0, n_cols, BLOCK):
+    for start in range(0, loop_bound(n_cols), BLOCK):
         cols = start + offs
         tl.store(out_row + cols, tl.zeros([BLOCK], out_row.dtype.element_ty), mask=cols < n_cols)
 
@@ -196,7 +193,7 @@ def _class_target_row(in_row, out_row, row, y, weight_ptr, scales_ptr, loss_ptr,
         m, d, sum_wx, sum_w = _class_stats(x_row, offs, mask_row, weight_ptr, m, d, sum_wx,
                                            sum_w, HAS_WEIGHT, SMOOTHING)
     else:
-        for start in range(0, n_cols, BLOCK):
+        for start in range(0, loop_bound(n_cols), BLOCK):
             cols = start + offs
             mask = cols < n_cols
             x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
@@ -231,7 +228,7 @@ def _class_target_row(in_row, out_row, row, y, weight_ptr, scales_ptr, loss_ptr,
             _class_grad(out_row, offs, mask_row, x_row, weight_ptr, y, row_max, log_sum, a, b, c,
                         row_nan, softcap, HAS_WEIGHT, SMOOTHING, SOFTCAP)
         else:
-            for start in range(0, n_cols, BLOCK):
+            for start in range(0, loop_bound(n_cols), BLOCK):
                 cols = start + offs
                 mask = cols < n_cols
                 x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
@@ -270,7 +267,7 @@ def _soft_target_row(in_row, out_row, target_row, row, weight_ptr, scales_ptr, l
         sum_rx += r_row * tl.where(mask_row, x_row, 0.0)
         sum_r += r_row
     else:
-        for start in range(0, n_cols, BLOCK):
+        for start in range(0, loop_bound(n_cols), BLOCK):
             cols = start + offs
             mask = cols < n_cols
             x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
@@ -297,7 +294,7 @@ def _soft_target_row(in_row, out_row, target_row, row, weight_ptr, scales_ptr, l
             _store_grad(out_row, offs, mask_row, x_row, row_max, log_sum, a, ce_scale * r_row, 0.0,
                         softcap, SOFTCAP)
         else:
-            for start in range(0, n_cols, BLOCK):
+            for start in range(0, loop_bound(n_cols), BLOCK):
                 cols = start + offs
                 mask = cols < n_cols
                 x = _load_x(in_row, cols, mask, softcap, SOFTCAP)

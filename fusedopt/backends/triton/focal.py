@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends.triton._interpreter import loop_bound
 from fusedopt.backends.triton.cross_entropy import (
     _cast_for,
     _expm1,
@@ -121,7 +122,7 @@ def _focal_kernel(
             x_row = _load_x(in_row, offs, mask_row, 1.0, False)
             m, d = _lse_update(x_row, m, d)
         else:
-            for start in range(0, n_cols, BLOCK):
+            for start in range(0, loop_bound(n_cols), BLOCK):
                 cols = start + offs
                 m, d = _lse_update(_load_x(in_row, cols, cols < n_cols, 1.0, False), m, d)
         row_max, log_sum = _lse_finish(m, d)
@@ -135,7 +136,7 @@ def _focal_kernel(
                 g_sum += g_row
                 f_sum += f_row
             else:
-                for start in range(0, n_cols, BLOCK):
+                for start in range(0, loop_bound(n_cols), BLOCK):
                     cols = start + offs
                     mask = cols < n_cols
                     x = _load_x(in_row, cols, mask, 1.0, False)
@@ -151,7 +152,7 @@ def _focal_kernel(
                     grad = scale * (p_row * g_total - g_row) + row_nan
                     tl.store(out_row + offs, _cast_for(grad, out_row), mask=mask_row)
                 else:
-                    for start in range(0, n_cols, BLOCK):
+                    for start in range(0, loop_bound(n_cols), BLOCK):
                         cols = start + offs
                         mask = cols < n_cols
                         x = _load_x(in_row, cols, mask, 1.0, False)
@@ -177,7 +178,7 @@ def _focal_kernel(
                     grad = g_y * tl.where(offs == y, -u_y, p_row) + row_nan
                     tl.store(out_row + offs, _cast_for(grad, out_row), mask=mask_row)
                 else:
-                    for start in range(0, n_cols, BLOCK):
+                    for start in range(0, loop_bound(n_cols), BLOCK):
                         cols = start + offs
                         mask = cols < n_cols
                         x = _load_x(in_row, cols, mask, 1.0, False)

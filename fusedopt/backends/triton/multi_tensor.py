@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends.triton._interpreter import loop_bound
 from fusedopt.backends.triton.cross_entropy import _cast_for
 
 # Elements per chunk (one program), tensors per launch, elements per loop iteration.
@@ -246,7 +247,7 @@ def _norm_chunk_kernel(static_ptr, grad_table_ptr, chunk_table_ptr, partial_ptr,
         inv_scale = tl.load(inv_scale_ptr)
     sumsq = tl.zeros([BLOCK], tl.float32)
     bad = tl.zeros([BLOCK], tl.int32)
-    for i in range(0, n_full):
+    for i in range(0, loop_bound(n_full)):
         idx = start + i * BLOCK + tl.arange(0, BLOCK)
         sumsq, bad = _norm_block(g_ptr, idx, end, inv_scale, sumsq, bad, HAS_INV_SCALE, False)
     tail = start + n_full * BLOCK
@@ -262,7 +263,7 @@ def _norm_chunk_kernel(static_ptr, grad_table_ptr, chunk_table_ptr, partial_ptr,
 def _norm_finish_kernel(partial_ptr, n_partials, out_ptr, BLOCK: tl.constexpr):
     sumsq = tl.zeros([BLOCK], tl.float32)
     bad = tl.zeros([BLOCK], tl.float32)
-    for off in range(0, n_partials, BLOCK):
+    for off in range(0, loop_bound(n_partials), BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = idx < n_partials
         sumsq += tl.load(partial_ptr + 2 * idx, mask=mask, other=0.0)

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from fusedopt.backends.triton import multi_tensor as mt
+from fusedopt.backends.triton._interpreter import loop_bound
 from fusedopt.backends.triton.multi_tensor import (
     COL_NCHUNKS,
     chunk_bounds,
@@ -210,7 +211,7 @@ def _adam_kernel(static_ptr, grad_table_ptr, chunk_table_ptr, counter_ptr, base_
     master_ptr = vector_ptr(entry + ADAM_MASTER, base_f32_ptr, ALIGNED, 4)
 
     # 3. the update: full blocks unmasked, then the tail
-    for i in range(0, n_full):
+    for i in range(0, loop_bound(n_full)):
         _adam_block(start + i * BLOCK + tl.arange(0, BLOCK), end, p_ptr, g_ptr, m_ptr, v_ptr,
                     vmax_ptr, master_ptr, inv_scale, clip_coef, neg_step_size, bc2_sqrt, m_weight,
                     beta2.to(tl.float32), v_weight, decay, eps, weight_decay, HAS_INV_SCALE,
@@ -285,7 +286,7 @@ def _sgd_kernel(static_ptr, grad_table_ptr, chunk_table_ptr, counter_ptr, base_p
         was_initialized = tl.load(init_ptr) > 0
 
     # 3. the update: full blocks unmasked, then the tail
-    for i in range(0, n_full):
+    for i in range(0, loop_bound(n_full)):
         _sgd_block(start + i * BLOCK + tl.arange(0, BLOCK), end, p_ptr, g_ptr, buf_ptr, master_ptr,
                    inv_scale, clip_coef, neg_lr, momentum, dampening_weight, weight_decay,
                    was_initialized, HAS_INV_SCALE, HAS_CLIP, HAS_WD, HAS_MOMENTUM, NESTEROV,
