@@ -36,10 +36,12 @@ def tiny_run(tmp_path_factory):
     env = {**os.environ, "FUSEDOPT_BENCH_TINY": "1", "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
+    # from outside the checkout, so that the package under test (installed, or on
+    # PYTHONPATH) is imported, not the source tree without its extensions
     proc = subprocess.run(
         [sys.executable, "-m", "fusedopt", "bench", "--json", str(out / "r.json"),
          "--plot", str(out / "p.png")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        cwd=out, env=env, capture_output=True, text=True, timeout=240)
     doc = json.loads((out / "r.json").read_text()) if (out / "r.json").exists() else None
     return proc, doc, out
 
@@ -198,7 +200,7 @@ def test_a_failing_candidate_is_reported_and_sets_the_exit_status(monkeypatch, t
     def skipped(inputs):
         raise Skip("not here")
 
-    def fake_cases(device, sizes, ops, backend, use_compile):
+    def fake_cases(device, sizes, ops, backend, use_compile, **shape_options):
         case = cases.Case("cross_entropy", "cross_entropy", "4x8", torch.float32,
                           torch.device("cpu"), 3 * 4 * 8 * 4, "model",
                           lambda: {"x": torch.ones(4, 8)})
@@ -217,6 +219,41 @@ def test_a_failing_candidate_is_reported_and_sets_the_exit_status(monkeypatch, t
     assert doc["skipped"] == [
         {"case": "cross_entropy | float32 | 4x8", "candidate": "liger", "reason": "not here"}]
     assert "kernel exploded" in capsys.readouterr().out
+
+
+def test_loss_shapes_and_smoothings_replace_the_size_sets():
+    built = cases.build_cases("cpu", "tiny", ["cross_entropy", "focal_loss", "adamw_amp_clip"],
+                              loss_shapes=[(8, 300), (4, 50)], smoothings=[0.0])
+    assert [(c.label, c.shape) for c in built[:4]] == [
+        ("cross_entropy", "8x300"), ("cross_entropy", "4x50"),
+        ("focal_loss", "8x300"), ("focal_loss", "4x50")]
+    assert [c.op for c in built[4:]] == ["adamw_amp_clip"]
+    (smoothed,) = cases.build_cases("cpu", "tiny", ["cross_entropy"], smoothings=[0.2])
+    assert smoothed.label == "cross_entropy ls=0.2"
+
+
+def test_loss_shape_and_label_smoothing_options(monkeypatch, tmp_path, capsys):
+    """The GPU check's quick benchmark: exactly cross-entropy 8192 x 128k without smoothing
+    and the AdamW + AMP + clip pipeline."""
+    seen = {}
+
+    def fake_cases(device, sizes, ops, backend, use_compile, **shape_options):
+        seen.update(shape_options, ops=ops)
+        return []
+
+    monkeypatch.setattr(cli.cases_mod, "build_cases", fake_cases)
+    path = tmp_path / "r.json"
+    assert cli.main(["--sizes", "tiny", "--op", "cross_entropy,adamw_amp_clip",
+                     "--loss-shape", "8192x131072", "--label-smoothing", "0",
+                     "--json", str(path)]) == 0
+    assert seen == {"ops": ["cross_entropy", "adamw_amp_clip"],
+                    "loss_shapes": [(8192, 131072)], "smoothings": [0.0]}
+    settings = json.loads(path.read_text())["settings"]
+    assert settings["loss_shapes"] == [[8192, 131072]] and settings["label_smoothing"] == [0.0]
+    for bad in (["--loss-shape", "8192"], ["--loss-shape", "0x5"], ["--label-smoothing", "2"],
+                ["--label-smoothing", "a"]):
+        assert cli.main(["--sizes", "tiny", *bad]) == 2, bad
+        assert bad[0] in capsys.readouterr().out
 
 
 def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):

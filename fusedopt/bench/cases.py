@@ -328,8 +328,12 @@ def _optim_case(op, size, device, only):
 # ----------------------------------------------------------------------------- all cases
 
 def build_cases(device: torch.device | str, sizes: str = "full", ops=None,
-                backend: str | None = None, use_compile: bool = True) -> list[Case]:
-    """Every case of ``ops`` (default: all of `OPS`) at size set ``sizes`` on ``device``."""
+                backend: str | None = None, use_compile: bool = True, loss_shapes=None,
+                smoothings=None) -> list[Case]:
+    """Every case of ``ops`` (default: all of `OPS`) at size set ``sizes`` on ``device``.
+
+    ``loss_shapes`` ([(rows, classes)]) replaces the loss shapes of the size set;
+    ``smoothings`` (label-smoothing values) the cross-entropy variants, 0 and 0.1."""
     device = torch.device(device)
     if sizes not in SIZE_SETS:
         raise ValueError(f"sizes must be one of {', '.join(SIZE_SETS)}, got {sizes!r}")
@@ -339,16 +343,16 @@ def build_cases(device: torch.device | str, sizes: str = "full", ops=None,
         raise ValueError(f"unknown benchmark op(s) {', '.join(unknown)}; "
                          f"expected some of {', '.join(OPS)}")
     size = SIZES["cuda" if device.type == "cuda" else "cpu"][sizes]
+    smoothings = tuple((0.0, LABEL_SMOOTHING) if smoothings is None else smoothings)
     cases = []
     for op in OPS:
         if op not in ops:
             continue
         if op in LOSS_OPS:
-            for rows, classes in size["loss"]:
+            for rows, classes in loss_shapes or size["loss"]:
                 if op == "sigmoid_focal_loss" and rows * classes > SIGMOID_MAX_NUMEL:
                     continue
-                smoothings = (0.0, LABEL_SMOOTHING) if op == "cross_entropy" else (0.0,)
-                for ls in smoothings:
+                for ls in smoothings if op == "cross_entropy" else (0.0,):
                     cases.append(_loss_case(op, ls, rows, classes, size["dtype"], device,
                                             backend, use_compile))
         else:

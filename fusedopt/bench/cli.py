@@ -50,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
                    help="device to benchmark (default: cuda when available, else cpu)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave out the torch.compile baselines")
+    p.add_argument("--loss-shape", action="append", metavar="ROWSxCLASSES",
+                   help="loss shapes instead of the size set's (repeat or comma-separate), "
+                        "e.g. 8192x131072")
+    p.add_argument("--label-smoothing", metavar="EPS[,EPS]",
+                   help=f"cross-entropy label-smoothing variants (default: 0,{cases_mod.LABEL_SMOOTHING:g})")
     # Size set override, for the tests (tiny sizes run in seconds); also FUSEDOPT_BENCH_TINY=1.
     p.add_argument("--sizes", choices=cases_mod.SIZE_SETS, help=argparse.SUPPRESS)
     return p
@@ -64,6 +69,32 @@ def _ops(values: list[str] | None) -> list[str] | None:
         raise ValueError(f"--op: unknown op(s) {', '.join(unknown)}; "
                          f"expected some of {', '.join(cases_mod.OPS)}")
     return ops
+
+
+def _loss_shapes(values: list[str] | None) -> list[tuple[int, int]] | None:
+    if not values:
+        return None
+    shapes = []
+    for text in (name.strip() for value in values for name in value.split(",")):
+        rows, sep, classes = text.lower().partition("x")
+        if not (sep and rows.isdigit() and classes.isdigit() and int(rows) > 0 and int(classes) > 0):
+            raise ValueError(f"--loss-shape: expected ROWSxCLASSES with positive integers "
+                             f"(e.g. 8192x131072), got {text!r}")
+        shapes.append((int(rows), int(classes)))
+    return shapes
+
+
+def _smoothings(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        eps = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        eps = []
+    if not eps or not all(0.0 <= e <= 1.0 for e in eps):
+        raise ValueError(f"--label-smoothing: expected values in [0, 1] separated by commas, "
+                         f"got {value!r}")
+    return eps
 
 
 def _device(choice: str) -> torch.device:
@@ -117,7 +148,9 @@ def run(args, argv, console) -> int:
     device = _device(args.device)
     ops = _ops(args.op)
     settings = SETTINGS[sizes]
-    cases = cases_mod.build_cases(device, sizes, ops, args.backend, use_compile=not args.no_compile)
+    loss_shapes, smoothings = _loss_shapes(args.loss_shape), _smoothings(args.label_smoothing)
+    cases = cases_mod.build_cases(device, sizes, ops, args.backend, use_compile=not args.no_compile,
+                                  loss_shapes=loss_shapes, smoothings=smoothings)
 
     console.print(f"[bold]fusedopt bench[/bold]: sizes {sizes!r} on {device.type}; "
                   "measuring copy bandwidth ...")
@@ -154,7 +187,8 @@ def run(args, argv, console) -> int:
                 [f"{e['candidate']} ({e['case']}): {e['error']}" for e in errors], "red")
     if args.json:
         settings_doc = {"sizes": sizes, "ops": ops or list(cases_mod.OPS), "backend": args.backend,
-                        "compile": not args.no_compile, **vars(settings)}
+                        "compile": not args.no_compile, "loss_shapes": loss_shapes,
+                        "label_smoothing": smoothings, **vars(settings)}
         report.write_json(args.json, report.document(argv, versions, dev, settings_doc, rows,
                                                      skipped, errors, notes))
         console.print(f"results written to {args.json}")
