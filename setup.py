@@ -7,9 +7,12 @@
   or /usr/local/cuda); a compile error fails the install.  ``FUSEDOPT_BUILD_CUDA=0`` skips
   it, ``FUSEDOPT_BUILD_CUDA=1`` makes a missing nvcc an error.
   ``FUSEDOPT_CUDA_ARCHS`` (default ``80;90``) picks the SASS targets; PTX of the highest
-  one is embedded for newer GPUs.
+  one is embedded for newer GPUs.  The runtime linked in is the toolkit's own, so the
+  extension needs a driver for that CUDA version (13.x: R580+).
 
-Neither extension includes a torch header, so torch is not a build requirement.
+Every source file is compiled in parallel, ``FUSEDOPT_BUILD_JOBS`` (default: all CPUs)
+at a time, and both extensions are built at the same time.  Neither extension includes a
+torch header, so torch is not a build requirement.
 """
 
 import os
@@ -20,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pybind11
+from pybind11.setup_helpers import ParallelCompile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -51,6 +55,21 @@ def find_cuda_home():
     return None
 
 
+def build_jobs() -> int:
+    return max(1, int(os.environ.get("FUSEDOPT_BUILD_JOBS", "0") or 0) or os.cpu_count() or 1)
+
+
+def cudart_static_dir(cuda_home: Path) -> Path:
+    """The folder of libcudart_static.a in the toolkit (lib64, lib or targets/<arch>/lib)."""
+    candidates = [cuda_home / "lib64", cuda_home / "lib",
+                  *sorted((cuda_home / "targets").glob("*/lib"))]
+    for folder in candidates:
+        if (folder / "libcudart_static.a").exists():
+            return folder
+    raise RuntimeError(f"libcudart_static.a not found in the CUDA toolkit at {cuda_home} "
+                       f"(looked in {', '.join(str(c) for c in candidates)})")
+
+
 def want_cuda():
     flag = os.environ.get("FUSEDOPT_BUILD_CUDA", "").strip()
     if flag == "0":
@@ -63,6 +82,11 @@ def want_cuda():
 
 class BuildExt(build_ext):
     """build_ext that compiles the .cu sources of ``fusedopt._cuda`` with nvcc first."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = build_jobs()  # both extensions at once
 
     def build_extension(self, ext):
         if getattr(ext, "cu_sources", None):
@@ -97,8 +121,7 @@ class BuildExt(build_ext):
                 raise RuntimeError(f"nvcc failed on {src}:\n{proc.stdout}\n{proc.stderr}")
             return str(obj)
 
-        jobs = max(1, int(os.environ.get("FUSEDOPT_BUILD_JOBS", os.cpu_count() or 1)))
-        with ThreadPoolExecutor(jobs) as pool:
+        with ThreadPoolExecutor(build_jobs()) as pool:
             return list(pool.map(compile_one, ext.cu_sources))
 
 
@@ -116,7 +139,7 @@ def extensions():
     ]
     cuda_home = want_cuda()
     if cuda_home:
-        lib = cuda_home / "lib64"
+        lib = cudart_static_dir(cuda_home)
         ext = Extension(
             "fusedopt._cuda",
             sources=_rel((ROOT / "csrc" / "bindings").glob("cuda_*.cpp")),
@@ -139,4 +162,5 @@ def extensions():
     return exts
 
 
+ParallelCompile(default=build_jobs()).install()  # the C++ sources of one extension in parallel
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -13,6 +13,25 @@ USAGE = """usage: python -m fusedopt {info,demo,bench} [options]
 """
 
 
+def _with_note(version: str, note: str) -> str:
+    return f"{version} ({note})" if note else version
+
+
+def _cuda_extension_line() -> str:
+    """How fusedopt._cuda was built and which driver it needs (or why it is missing)."""
+    try:
+        from fusedopt import _cuda
+    except ImportError:
+        return "not built"
+    from fusedopt.backends.cuda import driver_requirement
+
+    runtime, driver = _cuda.runtime_version(), _cuda.driver_version()
+    have = (f"this driver supports CUDA {driver // 1000}.{driver % 1000 // 10}" if driver
+            else "no NVIDIA driver here")
+    return (f"CUDA {runtime // 1000}.{runtime % 1000 // 10} runtime linked statically: needs "
+            f"{driver_requirement(runtime)}; {have}")
+
+
 def info() -> int:
     import platform
 
@@ -20,20 +39,24 @@ def info() -> int:
 
     import fusedopt
     from fusedopt import backends
+    from fusedopt._versions import support_note
 
-    print(f"fusedopt {fusedopt.__version__}")
+    print(f"fusedopt {fusedopt.__version__} ({fusedopt.__path__[0]})")
     print(f"python   {platform.python_version()} ({platform.machine()})")
-    print(f"torch    {torch.__version__}")
+    print(f"torch    {_with_note(torch.__version__, support_note('torch', torch.__version__))}")
     try:
         import triton
 
-        print(f"triton   {triton.__version__}")
+        print(f"triton   {_with_note(triton.__version__, support_note('triton', triton.__version__))}")
     except ImportError:
         print("triton   not installed")
     if torch.cuda.is_available():
-        print(f"device   {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+        major, minor = torch.cuda.get_device_capability()
+        print(f"device   {torch.cuda.get_device_name()} (sm_{major}{minor}, torch built with "
+              f"CUDA {torch.version.cuda})")
     else:
         print(f"device   CPU, {torch.get_num_threads()} threads (no CUDA device)")
+    print(f"_cuda    {_cuda_extension_line()}")
     print("backends:")
     for name, (ok, reason) in backends.available().items():
         print(f"  {name:<7} {'available' if ok else 'unavailable: ' + reason}")

@@ -256,6 +256,33 @@ def test_loss_shape_and_label_smoothing_options(monkeypatch, tmp_path, capsys):
         assert bad[0] in capsys.readouterr().out
 
 
+def test_without_rich_the_tables_are_plain_text(monkeypatch, capsys):
+    """An offline GPU machine may have no rich: the bench prints the same tables as text."""
+    from fusedopt.bench import console
+
+    monkeypatch.setattr(console, "RICH", False)
+
+    def fake_cases(device, sizes, ops, backend, use_compile, **shape_options):
+        case = cases.Case("cross_entropy", "cross_entropy", "4x8", torch.float32,
+                          torch.device("cpu"), 3 * 4 * 8 * 4, "model",
+                          lambda: {"x": torch.ones(4, 8)})
+        case.candidates = [
+            cases.Candidate("fusedopt[torch]", cases.FUSEDOPT, lambda inp: inp["x"].exp, "torch"),
+            cases.Candidate("torch eager", cases.BASELINE, lambda inp: inp["x"].sum)]
+        return [case]
+
+    monkeypatch.setattr(cli.cases_mod, "build_cases", fake_cases)
+    assert cli.main(["--sizes", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "[bold" not in out and "[/" not in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("candidate"))
+    assert header.split() == ["candidate", "time", "GB/s", "%", "copy", "vs", "torch", "eager",
+                              "peak", "mem"]
+    ours = next(line for line in lines if line.startswith("fusedopt[torch]"))
+    assert ours.endswith("n/a") and len(ours) == len(header)
+
+
 def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     message = report.plot(str(tmp_path / "p.png"), [], "title")

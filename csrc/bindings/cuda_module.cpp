@@ -12,6 +12,7 @@ PYBIND11_MODULE(_cuda, m) {
   });
   m.def("error_string", &fusedopt::cuda::error_string);
   m.def("runtime_version", &fusedopt::cuda::runtime_version);
+  m.def("driver_version", &fusedopt::cuda::driver_version);
   fusedopt::bind::register_cuda_losses(m);
   fusedopt::bind::register_cuda_optim(m);
 }

@@ -1,5 +1,6 @@
 // Device queries for fusedopt._cuda: lets the Python side say precisely why the `cuda`
-// backend cannot run (no driver, no device) without touching torch.
+// backend cannot run (no driver, a driver too old for the runtime linked in, no device)
+// without touching torch.
 #include <cuda_runtime.h>
 
 #include "fusedopt/cuda_api.h"
@@ -13,6 +14,12 @@ const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaE
 int runtime_version() {
   int v = 0;
   cudaRuntimeGetVersion(&v);
+  return v;
+}
+
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) v = 0;
   return v;
 }
 

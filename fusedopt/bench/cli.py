@@ -2,7 +2,7 @@
 
 For each case its candidates are built (a Skip is recorded with its reason), called once
 (a failure is recorded as an error and makes the exit status 1), timed round-robin, and
-their peak memory read (CUDA). Then a rich table, and on request a JSON document and a
+their peak memory read (CUDA). Then a table (rich when installed, else plain text), and on request a JSON document and a
 PNG plot of the speed-ups. See docs/benchmarks.md.
 """
 
@@ -18,6 +18,7 @@ import torch
 from fusedopt import backends
 from fusedopt.bench import cases as cases_mod, report
 from fusedopt.bench.baselines import Skip, first_line
+from fusedopt.bench.console import make_console, make_progress
 from fusedopt.bench.timing import Settings, copy_bandwidth, measure, peak_memory, synchronize
 
 SETTINGS = {
@@ -141,8 +142,6 @@ def _run_case(case, device, settings, copy_bw, skipped, errors, progress, task):
 
 
 def run(args, argv, console) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     sizes = args.sizes or ("tiny" if os.environ.get(TINY_ENV) == "1"
                            else "quick" if args.quick else "full")
     device = _device(args.device)
@@ -165,8 +164,7 @@ def run(args, argv, console) -> int:
     if load:
         notes.append(load)
         console.print(f"[yellow]{load}[/yellow]")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+    with make_progress(console) as progress:
         task = progress.add_task("benchmarks", total=len(cases))
         for case in cases:
             notes.extend(case.notes)
@@ -227,14 +225,12 @@ def _print_list(console, title: str, lines: list[str], color: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser().parse_args(argv)
     except SystemExit as exc:  # --help or a usage error: argparse already printed it
         return int(exc.code or 0)
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = make_console(width=None if sys.stdout.isatty() else 140)
     try:
         return run(args, argv, console)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""Results of a benchmark run: rows, the rich table, the JSON document and the speed-up plot.
+"""Results of a benchmark run: rows, the tables, the JSON document and the speed-up plot.
 
 The JSON fields are documented in docs/benchmarks.md; `SCHEMA` changes when they do.
 """
@@ -12,6 +12,8 @@ import platform
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from fusedopt.bench.console import make_table, markup_escape as escape
 
 SCHEMA = "fusedopt-bench/1"
 
@@ -107,10 +109,7 @@ def targets(rows: list[Row]) -> list[dict]:
 
 
 def targets_table(results: list[dict]):
-    from rich.markup import escape
-    from rich.table import Table
-
-    tab = Table(title="[bold]SPEC §5 targets[/bold]", title_justify="left", header_style="bold")
+    tab = make_table("[bold]SPEC §5 targets[/bold]", title_justify="left", header_style="bold")
     for col in ("target", "shape", "candidate", "measured", "met"):
         tab.add_column(col, overflow="fold")
     for t in results:
@@ -219,13 +218,10 @@ def group_rows(rows: list[Row]) -> list[list[Row]]:
 
 def case_table(rows: list[Row]):
     """One table per case: a row per candidate, a speed-up column per baseline."""
-    from rich.markup import escape
-    from rich.table import Table
-
     first = rows[0]
     gbps_note = "" if first.bytes is None else f"; bytes: {first.byte_model}"
     title = f"[bold]{first.case}[/bold]  {first.shape}  {first.dtype}{gbps_note}"
-    tab = Table(title=title, title_justify="left", header_style="bold")
+    tab = make_table(title, title_justify="left", header_style="bold")
     bases = [r.candidate for r in rows if r.kind == "baseline"]
     time_col = "host time" if first.metric == "host_time" else "time"
     speedup_cols = [f"vs {escape(b)}" for b in bases]

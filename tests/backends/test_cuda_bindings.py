@@ -17,11 +17,12 @@ INVALID_VALUE = 1  # cudaErrorInvalidValue
 def test_every_entry_point_is_bound():
     for name in ["cross_entropy_fwd", "focal_loss_fwd", "sigmoid_focal_loss_fwd", "scale_grad",
                  "AdamTable", "SgdTable", "NormTable", "device_count", "error_string",
-                 "runtime_version"]:
+                 "runtime_version", "driver_version"]:
         assert hasattr(_cuda, name), name
     assert 1 <= _cuda.MAX_TENSORS <= 255  # a chunk's slot is stored in one byte
     assert _cuda.MAX_CHUNKS >= 1 and _cuda.DEFAULT_CHUNK_SIZE >= 1
     assert _cuda.runtime_version() >= 12010  # kernel tables above 4 KB need CUDA 12.1+
+    assert _cuda.driver_version() >= 0  # 0: no driver
 
 
 def _adam_table(n, numel=8, **kw):

@@ -85,3 +85,45 @@ def test_cuda_extension_is_built_whenever_nvcc_is_present():
     err, count = cuda.device_count()
     assert isinstance(err, int) and isinstance(count, int)
     assert cuda.runtime_version() >= 12000
+
+
+def test_a_driver_too_old_for_the_linked_runtime_is_explained():
+    from fusedopt.backends.cuda import driver_problem, driver_requirement
+
+    reason = driver_problem(35, runtime=13000, driver=12040)  # cudaErrorInsufficientDriver
+    assert "CUDA 12.4" in reason and "CUDA 13.0" in reason and "R580+" in reason
+    assert driver_requirement(12080) == "an NVIDIA driver for CUDA 12.8 or newer (R525+)"
+    assert driver_requirement(14000) == "an NVIDIA driver for CUDA 14.0 or newer"
+    assert "no NVIDIA driver" in driver_problem(35, runtime=13000, driver=0)
+    assert driver_problem(100, runtime=13000, driver=13000) == "no CUDA device"
+
+
+def test_info_says_which_driver_the_cuda_extension_needs():
+    try:
+        from fusedopt import _cuda
+    except ImportError:
+        pytest.skip("fusedopt._cuda is not built here")
+    out = subprocess.run([sys.executable, "-m", "fusedopt", "info"], capture_output=True,
+                         text=True, check=True).stdout
+    runtime = _cuda.runtime_version()
+    assert f"CUDA {runtime // 1000}.{runtime % 1000 // 10} runtime linked statically" in out
+    assert "needs an NVIDIA driver for CUDA" in out
+    if _cuda.driver_version() == 0:
+        assert "no NVIDIA driver is installed" in backends.status("cuda")[1]
+
+
+def test_supported_versions_match_the_declared_requirements():
+    import pathlib
+    import re
+
+    from fusedopt._versions import SUPPORTED, support_note
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    pyproject = (root / "pyproject.toml").read_text()
+    for name, ((major, minor), _) in SUPPORTED.items():
+        declared = set(re.findall(rf'"{name}>=([0-9.]+)"', pyproject))
+        assert declared == {f"{major}.{minor}"}, (name, declared)
+    assert support_note("torch", "2.11.0+cu130") == ""
+    assert support_note("triton", "3.9.0") == ""
+    assert "older than supported" in support_note("torch", "2.10.1")
+    assert "newer than tested" in support_note("triton", "3.10.0")

@@ -9,5 +9,7 @@ namespace fusedopt::cuda {
 cudaError_t device_count(int* count);
 const char* error_string(int code);
 int runtime_version();
+// CUDA version the installed driver supports (e.g. 13000), 0 when there is no driver.
+int driver_version();
 
 }  // namespace fusedopt::cuda

@@ -31,12 +31,46 @@ else:
     OPS = frozenset()
 
 
+# cudaError_t codes that mean "this driver cannot run the runtime linked into _cuda"
+_INSUFFICIENT_DRIVER = 35
+_NO_DEVICE = 100
+# The first Linux driver branch of each CUDA major version: a driver of that branch or newer
+# runs every runtime of the major version (minor-version compatibility).
+_DRIVER_BRANCH = {12: "R525", 13: "R580"}
+
+
+def _version(code: int) -> str:
+    """A CUDA version code (e.g. 13000) as text ("13.0")."""
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def driver_requirement(runtime: int) -> str:
+    """The driver the CUDA runtime version `runtime` (e.g. 13000) needs, in words."""
+    branch = _DRIVER_BRANCH.get(runtime // 1000)
+    return (f"an NVIDIA driver for CUDA {_version(runtime)} or newer"
+            + (f" ({branch}+)" if branch else ""))
+
+
+def driver_problem(err: int, runtime: int, driver: int) -> str:
+    """Why cudaGetDeviceCount failed with `err`, in words."""
+    if driver == 0:
+        return "no NVIDIA driver is installed (libcuda not found)"
+    if err == _INSUFFICIENT_DRIVER:
+        return (f"the NVIDIA driver supports CUDA {_version(driver)}, but fusedopt._cuda links "
+                f"the CUDA {_version(runtime)} runtime statically and needs "
+                f"{driver_requirement(runtime)}; rebuild it with a CUDA toolkit the driver "
+                "supports, or update the driver")
+    if err == _NO_DEVICE:
+        return "no CUDA device"
+    return f"no usable CUDA driver/device ({_cuda.error_string(err)})"
+
+
 def status() -> tuple[bool, str]:
     if _cuda is None:
         return False, _IMPORT_ERROR
     err, count = _cuda.device_count()
     if err != 0:
-        return False, f"no usable CUDA driver/device ({_cuda.error_string(err)})"
+        return False, driver_problem(err, _cuda.runtime_version(), _cuda.driver_version())
     if count == 0:
         return False, "no CUDA device"
     if not torch.cuda.is_available():
