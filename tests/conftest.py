@@ -1,5 +1,9 @@
 """Shared fixtures: the `backend` fixture yields every backend, skipped with the reason
-when it cannot run on this machine; `device` is the device that backend runs on here."""
+when it cannot run on this machine; `device` is the device that backend runs on here.
+
+FUSEDOPT_REQUIRE_BACKENDS=cpu,cuda,... (scripts/gpu_check.sh sets it) makes a run stop at
+once, before any test, when one of these backends cannot run: on the GPU machine a missing
+extension must fail the run, never turn the tests that need it into skips."""
 
 import os
 
@@ -47,11 +51,29 @@ def require_op(backend: str, op: str) -> torch.device:
     return dev
 
 
+def required_backends() -> list[str]:
+    names = [n.strip() for n in os.environ.get("FUSEDOPT_REQUIRE_BACKENDS", "").split(",")]
+    return [n for n in names if n]
+
+
+def pytest_sessionstart(session):
+    required = required_backends()
+    unknown = [n for n in required if n not in backends.NAMES]
+    missing = [f"{n}: {backends.status(n)[1]}" for n in required
+               if n in backends.NAMES and not backends.status(n)[0]]
+    if unknown or missing:
+        pytest.exit("FUSEDOPT_REQUIRE_BACKENDS: " + "; ".join(
+            [f"unknown backend {n!r}" for n in unknown] + [f"cannot run {m}" for m in missing]),
+            returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def pytest_report_header(config):
     lines = [f"torch {torch.__version__}, CUDA available: {HAS_CUDA}, "
              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
     for name, (ok, reason) in backends.available().items():
         lines.append(f"backend {name}: {'ok' if ok else 'unavailable: ' + reason}")
+    if required_backends():
+        lines.append(f"required backends: {', '.join(required_backends())}")
     return lines
 
 

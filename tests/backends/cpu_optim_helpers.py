@@ -1,20 +1,18 @@
 """Helpers of the optimizer-kernel tests of the compiled backends (cpu, and cuda on a GPU):
 buckets of params + fp32 states driven through a backend's entry points directly, next to
-torch.optim references fed the same gradients on the same device."""
+torch.optim references fed the same gradients on the same device.  Importable without the
+cpu extension (the cuda tests need only the torch parts): `optim` and `_cpu` are then None
+and test_cpu_optim.py skips itself."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fusedopt import backends
+from fusedopt.backends import cpu
 
-cpu = pytest.importorskip("fusedopt.backends.cpu")
-if "adam" not in cpu.OPS:
-    pytest.skip(f"the cpu backend cannot run here: {cpu.status()[1]}", allow_module_level=True)
-
-from fusedopt import _cpu  # noqa: E402  (built, checked above)
-from fusedopt.backends.cpu import optim  # noqa: E402
+_cpu = cpu._cpu  # None when fusedopt._cpu is not built
+optim = cpu._optim if "adam" in cpu.OPS else None
 
 F32 = torch.float32
 # a zero-size tensor, odd sizes, and one spanning several 65536-element chunks
