@@ -21,6 +21,7 @@ from cpu_loss_helpers import (IGNORE, assert_close, assert_lowp_rule, ce_referen
                               make_ce_case, same_bits)
 from cuda_loss_helpers import BF16, DEV, F16, F32, cuda  # noqa: F401  (fixture)
 from cuda_loss_helpers import device_scales as _scales
+from gpu_stream_helpers import nan_like, run_on_a_held_up_stream
 
 pytestmark = pytest.mark.gpu
 
@@ -265,15 +266,16 @@ def test_cross_entropy_all_ignored_and_inf_scale(cuda):
 
 
 def test_cross_entropy_runs_on_the_current_stream(cuda):
+    """The logits hold NaN until a held-up side stream writes them and launches the kernel
+    (gpu_stream_helpers.py): a launch on any other stream would give NaN."""
     x, y, weight = make_ce_case(64, 3000)
-    xd, yd, wd = x.to(DEV), y.to(DEV), weight.to(DEV)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        loss, grad = cuda.cross_entropy_fwd(xd, yd, wd, _scales(), ignore_index=IGNORE,
-                                            label_smoothing=0.1, z_loss=0.0, softcap=None,
-                                            soft_target=False, inplace=False, need_grad=True)
-    side.synchronize()
+    src, yd, wd, scales = x.to(DEV), y.to(DEV), weight.to(DEV), _scales()
+    xd = nan_like(src)
+    loss, grad = run_on_a_held_up_stream(
+        lambda: xd.copy_(src),
+        lambda: cuda.cross_entropy_fwd(xd, yd, wd, scales, ignore_index=IGNORE,
+                                       label_smoothing=0.1, z_loss=0.0, softcap=None,
+                                       soft_target=False, inplace=False, need_grad=True))
     ref_loss, ref_grad = ce_reference(x, y, weight, eps=0.1)
     assert_close(loss.cpu(), ref_loss, what="loss")
     assert_close(grad.cpu(), ref_grad, what="grad")
