@@ -47,7 +47,8 @@ def info() -> int:
     try:
         import triton
 
-        print(f"triton   {_with_note(triton.__version__, support_note('triton', triton.__version__))}")
+        version = triton.__version__
+        print(f"triton   {_with_note(version, support_note('triton', version))}")
     except ImportError:
         print("triton   not installed")
     if torch.cuda.is_available():

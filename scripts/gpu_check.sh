@@ -142,7 +142,8 @@ unset TRITON_INTERPRET
 PYTEST=("$PY" -m pytest -p no:cacheprovider -q --rootdir "$REPO" -c "$REPO/pyproject.toml")
 
 # --------------------------------------------------------------------------- steps
-echo "fusedopt GPU check ($MODE): $PY, GPU ${GPU_NAME}, FUSEDOPT_CUDA_ARCHS=${FUSEDOPT_CUDA_ARCHS:-none}," \
+echo "fusedopt GPU check ($MODE): $PY, GPU ${GPU_NAME}," \
+     "FUSEDOPT_CUDA_ARCHS=${FUSEDOPT_CUDA_ARCHS:-none}," \
      "FUSEDOPT_BUILD_CUDA=${FUSEDOPT_BUILD_CUDA:-auto}; logs in $OUT"
 mkdir -p "$SITE"
 rm -rf "${SITE:?}"/*
@@ -159,14 +160,17 @@ if missing and $HAS_CUDA:  # on a GPU machine every backend must run
 "
 if [ "$HAS_CUDA" != 1 ]; then
     echo "no CUDA device: torch sees none here, so nothing else runs" \
-         "(${FUSEDOPT_CUDA_ARCHS:+nvidia-smi reports sm_$FUSEDOPT_CUDA_ARCHS; }see $OUT/info.log)" | tee -a "$SUMMARY"
+         "(${FUSEDOPT_CUDA_ARCHS:+nvidia-smi reports sm_$FUSEDOPT_CUDA_ARCHS; }see $OUT/info.log)" \
+        | tee -a "$SUMMARY"
     exit 2
 fi
 
 SANITIZER=$(command -v compute-sanitizer || true)
 for dir in "${CUDA_HOME:-/usr/local/cuda}/bin" "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer" \
            "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")"; do
-    if [ -z "$SANITIZER" ] && [ -x "$dir/compute-sanitizer" ]; then SANITIZER=$dir/compute-sanitizer; fi
+    if [ -z "$SANITIZER" ] && [ -x "$dir/compute-sanitizer" ]; then
+        SANITIZER=$dir/compute-sanitizer
+    fi
 done
 # sanitize STEP SELECTION: the cuda tests of SELECTION under compute-sanitizer --tool STEP.
 # No caching allocator: every tensor is its own allocation, so memcheck sees an access past
@@ -183,7 +187,8 @@ sanitize() {
 }
 
 RESULT=$REPO/benchmarks/results/$GPU_NAME
-has_step gpu-tests && run_step gpu-tests "${PYTEST[@]}" -m gpu --junitxml="$OUT/gpu-tests.xml" "$REPO/tests"
+has_step gpu-tests && run_step gpu-tests "${PYTEST[@]}" -m "gpu or gpu_check" \
+    --junitxml="$OUT/gpu-tests.xml" "$REPO/tests"
 has_step suite && run_step suite "${PYTEST[@]}" --junitxml="$OUT/suite.xml" "$REPO/tests"
 if has_step memcheck; then
     if [ "$MODE" = quick ]; then sanitize memcheck "$SANITIZER_SUBSET"

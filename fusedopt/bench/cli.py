@@ -2,7 +2,8 @@
 
 For each case its candidates are built (a Skip is recorded with its reason), called once
 (a failure is recorded as an error and makes the exit status 1), timed round-robin, and
-their peak memory read (CUDA). Then a table (rich when installed, else plain text), and on request a JSON document and a
+their peak memory read (CUDA). Then a table (rich when installed, else plain text), and on
+request a JSON document and a
 PNG plot of the speed-ups. See docs/benchmarks.md.
 """
 
@@ -55,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="loss shapes instead of the size set's (repeat or comma-separate), "
                         "e.g. 8192x131072")
     p.add_argument("--label-smoothing", metavar="EPS[,EPS]",
-                   help=f"cross-entropy label-smoothing variants (default: 0,{cases_mod.LABEL_SMOOTHING:g})")
+                   help="cross-entropy label-smoothing variants "
+                        f"(default: 0,{cases_mod.LABEL_SMOOTHING:g})")
     # Size set override, for the tests (tiny sizes run in seconds); also FUSEDOPT_BENCH_TINY=1.
     p.add_argument("--sizes", choices=cases_mod.SIZE_SETS, help=argparse.SUPPRESS)
     return p
@@ -78,7 +80,7 @@ def _loss_shapes(values: list[str] | None) -> list[tuple[int, int]] | None:
     shapes = []
     for text in (name.strip() for value in values for name in value.split(",")):
         rows, sep, classes = text.lower().partition("x")
-        if not (sep and rows.isdigit() and classes.isdigit() and int(rows) > 0 and int(classes) > 0):
+        if not (sep and rows.isdigit() and classes.isdigit() and min(int(rows), int(classes)) > 0):
             raise ValueError(f"--loss-shape: expected ROWSxCLASSES with positive integers "
                              f"(e.g. 8192x131072), got {text!r}")
         shapes.append((int(rows), int(classes)))

@@ -25,6 +25,8 @@ import fusedopt as fo
 from conftest import require_op
 from loss_helpers import assert_close, assert_lowp_rule, grads_of
 
+pytestmark = pytest.mark.gpu_check  # the compiled kernels' precision: in the quick GPU check
+
 N = 4
 SPREADS = ["randn*30", "randn*300", "outliers_1e4"]
 
