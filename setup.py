@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pybind11
-from pybind11.setup_helpers import ParallelCompile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -162,5 +161,10 @@ def extensions():
     return exts
 
 
-ParallelCompile(default=build_jobs()).install()  # the C++ sources of one extension in parallel
+try:  # the C++ sources of one extension in parallel (pybind11 >= 2.6)
+    from pybind11.setup_helpers import ParallelCompile
+except ImportError:
+    pass
+else:
+    ParallelCompile(default=build_jobs()).install()
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
