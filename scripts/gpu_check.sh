@@ -183,7 +183,7 @@ sanitize() {
         return
     fi
     run_step "$1" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$1" \
-        --error-exitcode 1 "${PYTEST[@]}" -m gpu -k "$2" "${CUDA_TESTS[@]}"
+        --error-exitcode 1 "${PYTEST[@]}" -m gpu -k "${2//$'\n'/ }" "${CUDA_TESTS[@]}"
 }
 
 RESULT=$REPO/benchmarks/results/$GPU_NAME

@@ -58,9 +58,10 @@ def test_default_for_cpu_tensors_is_cpu_kernels_when_built():
     assert chosen == expected
 
 
-def test_info_command_prints_every_backend():
+def test_info_command_prints_every_backend(tmp_path):
+    # from outside the checkout: `python -m` would put the source tree first on sys.path
     out = subprocess.run([sys.executable, "-m", "fusedopt", "info"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=tmp_path).stdout
     for name in ("triton", "cuda", "cpu", "torch"):
         assert name in out
     assert "torch    " + torch.__version__ in out
@@ -98,13 +99,13 @@ def test_a_driver_too_old_for_the_linked_runtime_is_explained():
     assert driver_problem(100, runtime=13000, driver=13000) == "no CUDA device"
 
 
-def test_info_says_which_driver_the_cuda_extension_needs():
+def test_info_says_which_driver_the_cuda_extension_needs(tmp_path):
     try:
         from fusedopt import _cuda
     except ImportError:
         pytest.skip("fusedopt._cuda is not built here")
     out = subprocess.run([sys.executable, "-m", "fusedopt", "info"], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=tmp_path).stdout
     runtime = _cuda.runtime_version()
     assert f"CUDA {runtime // 1000}.{runtime % 1000 // 10} runtime linked statically" in out
     assert "needs an NVIDIA driver for CUDA" in out
