@@ -29,7 +29,7 @@ PY=${PYTHON:-python3}
 MODE=full
 ONLY=""
 OUT=""
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
