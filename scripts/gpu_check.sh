@@ -71,7 +71,8 @@ SANITIZER_SUBSET="(every_flag and 20001) or (vocab_sizes and (16384 or 128256))
 SANITIZER_ALL="not more_rows_than_blocks"
 
 "$PY" - <<'EOF' || { echo "gpu_check.sh: $PY lacks what the build needs" >&2; exit 1; }
-import importlib, sys
+import importlib.util
+import sys
 missing = [m for m in ("torch", "setuptools", "pybind11", "pytest", "pip")
            if importlib.util.find_spec(m) is None]
 if missing:
