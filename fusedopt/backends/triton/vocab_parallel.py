@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends.triton._interpreter import loop_bound
 from fusedopt.backends.triton.cross_entropy import (_load_x, _lse_update, _soft_weights,
                                                     _store_grad, _tanh, _zero_row,
                                                     block_size_for, check_block_size,
@@ -73,7 +74,7 @@ def _row_stats_kernel(logits_ptr, logits_stride, target_ptr, target_stride, weig
         d = tl.zeros([BLOCK], tl.float32)
         sum_x = tl.zeros([BLOCK], tl.float32)
         sum_r = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n_cols, BLOCK):
+        for start in range(0, loop_bound(n_cols), BLOCK):
             cols = start + offs
             mask = cols < n_cols
             x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
@@ -126,7 +127,7 @@ def _grad_kernel(logits_ptr, logits_stride, target_ptr, target_stride, weight_pt
     if skip:
         _zero_row(out_row, n_cols, offs, BLOCK)
     else:
-        for start in range(0, n_cols, BLOCK):
+        for start in range(0, loop_bound(n_cols), BLOCK):
             cols = start + offs
             mask = cols < n_cols
             x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
