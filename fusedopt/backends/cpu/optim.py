@@ -3,7 +3,8 @@
 The kernels (csrc/cpu/adam.cpp, sgd.cpp, l2norm.cpp) take raw addresses through the
 pointer tables of csrc/bindings/optim_tables.h, built once per bucket and kept in the
 ``cache`` dict the optimizer owns (fusedopt/backends/_optim_tables.py, shared with the
-`cuda` backend); a step passes only the gradient addresses and the scalars.
+`cuda` backend); a step passes only the gradient addresses and the scalars.  Every tensor
+is verified first by the kernel boundary (fusedopt/backends/_optim_boundary.py).
 
 Tensor hyper-parameters (``lr``, ``beta1``, ``beta2``) and ``inv_scale`` / ``clip_coef`` /
 ``skip`` are passed as the addresses of their 0-dim fp32 tensors and read by the kernel
@@ -16,7 +17,6 @@ import torch
 
 from fusedopt import _cpu
 from fusedopt.backends import _optim_tables as tables
-from fusedopt.backends._ptr import dtype_code
 
 __all__ = ["multi_tensor_norm", "adam_step", "sgd_step"]
 
@@ -42,9 +42,8 @@ def multi_tensor_norm(tensors, inv_scale, cache):
     out = torch.empty(2, dtype=_F32)
     if not tensors:
         return out.zero_()
-    table = tables.norm_table(cache, "cpu_norm", tensors, dtype_code(tensors[0].dtype),
-                              PLAN_LIMITS, _cpu.NormTable)
-    _check(table.norm(tables.addresses(tensors), tables.address_or_zero(inv_scale),
+    table, ptrs = tables.norm(cache, "cpu_norm", tensors, PLAN_LIMITS, _cpu.NormTable, "cpu")
+    _check(table.norm(ptrs, tables.address_or_zero(inv_scale, "inv_scale", tensors[0].device),
                       out.data_ptr()), "multi_tensor_norm")
     return out
 
@@ -55,7 +54,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     if not params:
         return
     _check(tables.adam_step(_cpu, "cpu_adam", PLAN_LIMITS, params, grads, exp_avgs, exp_avg_sqs,
-                            max_exp_avg_sqs, master_params, steps, cache, hyper), "adam_step")
+                            max_exp_avg_sqs, master_params, steps, cache, hyper, "cpu"),
+           "adam_step")
 
 
 def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, cache, **hyper):
@@ -63,4 +63,4 @@ def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, cac
     if not params:
         return
     _check(tables.sgd_step(_cpu, "cpu_sgd", PLAN_LIMITS, params, grads, momentum_buffers,
-                           master_params, initialized, cache, hyper), "sgd_step")
+                           master_params, initialized, cache, hyper, "cpu"), "sgd_step")

@@ -6,7 +6,8 @@ the optimizer owns (fusedopt/backends/_optim_tables.py, shared with the `cpu` ba
 step passes the gradient addresses, the scalars and the current torch stream; tensor
 hyper-parameters and ``inv_scale`` / ``clip_coef`` / ``skip`` go as the addresses of their
 0-dim fp32 device tensors, read by the kernels: no host read, no synchronisation, so a step
-can be captured in a CUDA graph once its tables exist (after one step).
+can be captured in a CUDA graph once its tables exist (after one step).  Every tensor is
+verified first by the kernel boundary (fusedopt/backends/_optim_boundary.py).
 The norm's per-chunk partials live in a float64 scratch tensor kept with its table.
 """
 
@@ -16,7 +17,6 @@ import torch
 
 from fusedopt import _cuda
 from fusedopt.backends import _optim_tables as tables
-from fusedopt.backends._ptr import dtype_code
 from fusedopt.backends.cuda._errors import check
 
 __all__ = ["multi_tensor_norm", "adam_step", "sgd_step"]
@@ -37,18 +37,17 @@ def _stream(device) -> int:
 
 def multi_tensor_norm(tensors, inv_scale, cache):
     """``[Σ (g·inv_scale)², nonfinite]`` as an fp32 (2,) device tensor (sum in double)."""
-    device = tensors[0].device if tensors else None
-    out = torch.empty(2, dtype=_F32, device=device)
     if not tensors:
-        return out.zero_()
+        return torch.zeros(2, dtype=_F32)
+    table, ptrs = tables.norm(cache, "cuda_norm", tensors, PLAN_LIMITS, _cuda.NormTable, "cuda")
+    device = tensors[0].device
+    out = torch.empty(2, dtype=_F32, device=device)
     with torch.cuda.device(device):
-        table = tables.norm_table(cache, "cuda_norm", tensors, dtype_code(tensors[0].dtype),
-                                  PLAN_LIMITS, _cuda.NormTable)
         scratch = cache.get("cuda_norm_scratch")
         if scratch is None or scratch.numel() < table.num_chunks or scratch.device != device:
             scratch = torch.empty(max(table.num_chunks, 1), dtype=torch.float64, device=device)
             cache["cuda_norm_scratch"] = scratch
-        check(table.norm(tables.addresses(tensors), tables.address_or_zero(inv_scale),
+        check(table.norm(ptrs, tables.address_or_zero(inv_scale, "inv_scale", device),
                          out.data_ptr(), scratch.data_ptr(), _stream(device)), "multi_tensor_norm")
     return out
 
@@ -61,7 +60,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     with torch.cuda.device(params[0].device):
         check(tables.adam_step(_cuda, "cuda_adam", PLAN_LIMITS, params, grads, exp_avgs,
                                exp_avg_sqs, max_exp_avg_sqs, master_params, steps, cache, hyper,
-                               extra=(_stream(params[0].device),)), "adam_step")
+                               "cuda", extra=(_stream(params[0].device),)), "adam_step")
 
 
 def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, cache, **hyper):
@@ -70,5 +69,5 @@ def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, cac
         return
     with torch.cuda.device(params[0].device):
         check(tables.sgd_step(_cuda, "cuda_sgd", PLAN_LIMITS, params, grads, momentum_buffers,
-                              master_params, initialized, cache, hyper,
+                              master_params, initialized, cache, hyper, "cuda",
                               extra=(_stream(params[0].device),)), "sgd_step")

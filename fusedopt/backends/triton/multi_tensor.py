@@ -19,9 +19,11 @@ most MAX_TENSORS consecutive tensors; one launch covers one batch, one program o
 so the number of launches does not grow with the number of tensors of a batch.
 
 Caching.  The tables are built once and kept in the `cache` dict the optimizer owns for the
-bucket.  At every call the key -- the data_ptr() of every tensor of every column, the
-numels, CHUNK_SIZE and MAX_TENSORS -- is rebuilt on the host (about 0.1-0.2 us per tensor
-and column, no device access) and compared: any change of storage rebuilds the tables.  The
+bucket.  Every call first goes through the kernel boundary (fusedopt/backends/
+_optim_boundary.py), which verifies the tensors and hands back their addresses and numels;
+the key -- those addresses and numels, the dtype and device, CHUNK_SIZE and MAX_TENSORS --
+is compared with the tables' (the same tuple objects when nothing changed, no device
+access): any change of storage rebuilds the tables.  The
 gradient table is rewritten (one small host-to-device copy) only when a gradient address
 changed since the previous call, so with gradients in fixed storage a step makes no copy
 at all and can be captured in a CUDA graph.
@@ -40,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.backends.triton._interpreter import loop_bound
 from fusedopt.backends.triton.cross_entropy import _cast_for
 
@@ -144,9 +147,10 @@ class Tables:
         """Every vector address is 16-byte aligned: full blocks may use 16-byte accesses."""
         return self.static_aligned and self.grads_aligned
 
-    def set_grads(self, grads) -> None:
-        """Point the gradient table at `grads` (a host-to-device copy only if they moved)."""
-        ptrs = tuple(map(torch.Tensor.data_ptr, grads))
+    def set_grads(self, grads, ptrs) -> None:
+        """Point the gradient table at `grads`, whose addresses are `ptrs` (a host-to-device
+        copy only if they moved)."""
+        ptrs = tuple(ptrs)
         if ptrs != self.grad_ptrs:
             offsets = _offsets(grads, self.base.data_ptr(), self.base.element_size())
             self.grads.copy_(torch.tensor(offsets, dtype=torch.int64), non_blocking=True)
@@ -154,20 +158,22 @@ class Tables:
             self.grads_aligned = _aligned(ptrs)
 
 
-def tables_for(cache: dict, name: str, grads, vector_columns=(), scalar_columns=()) -> Tables:
+def tables_for(cache: dict, name: str, grads, vector_columns=(), scalar_columns=(), *,
+               verified) -> Tables:
     """The tables of `name` ("norm", "adam", "sgd") in `cache`, rebuilt if any storage changed,
     with the gradient table pointing at `grads`.  A column is a list of tensors (one per
-    gradient) or None; vector columns hold numel elements each, scalar columns one."""
+    gradient) or None; vector columns hold numel elements each, scalar columns one.
+    `verified`: (numels, addresses of every list, gradient addresses) from the kernel
+    boundary (fusedopt/backends/_optim_boundary.py), which checked every tensor first."""
     vector_columns, scalar_columns = tuple(vector_columns), tuple(scalar_columns)
-    data_ptr = torch.Tensor.data_ptr
-    key = (CHUNK_SIZE, MAX_TENSORS, tuple(map(torch.Tensor.numel, grads)),
-           tuple(None if col is None else tuple(map(data_ptr, col))
-                 for col in vector_columns + scalar_columns))
+    numels, ptr_key, grad_ptrs = verified
+    key = (CHUNK_SIZE, MAX_TENSORS, numels, ptr_key, grads[0].dtype, grads[0].device,
+           tuple(col is None for col in vector_columns + scalar_columns))
     tables = cache.get(name)
     if tables is None or tables.key != key:
         tables = Tables(key, vector_columns, scalar_columns, grads, CHUNK_SIZE, MAX_TENSORS)
         cache[name] = tables
-    tables.set_grads(grads)
+    tables.set_grads(grads, grad_ptrs)
     return tables
 
 
@@ -275,7 +281,8 @@ def _norm_finish_kernel(partial_ptr, n_partials, out_ptr, BLOCK: tl.constexpr):
 def multi_tensor_norm(tensors, inv_scale, cache):
     """``[Σ (g·inv_scale)², nonfinite]`` as an fp32 (2,) tensor (contract:
     docs/architecture.md); two launches for one batch, bitwise reproducible."""
-    tables = tables_for(cache, "norm", tensors)
+    numels, ptrs = boundary.verify_norm(cache, tensors, device_types=("cuda", "cpu"))
+    tables = tables_for(cache, "norm", tensors, verified=(numels, (), ptrs))
     if tables.scratch is None:
         tables.scratch = torch.empty(2 * tables.n_chunks_total, dtype=torch.float32,
                                      device=tables.static.device)

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.backends.triton import multi_tensor as mt
 from fusedopt.backends.triton._interpreter import loop_bound
 from fusedopt.backends.triton.multi_tensor import (
@@ -59,6 +60,8 @@ __all__ = ["multi_tensor_norm", "adam_step", "sgd_step"]
 
 # ops implemented by this module
 OPS: frozenset[str] = frozenset({"adam", "sgd"})
+# device types the launchers take (CPU tensors run under TRITON_INTERPRET=1)
+_DEVICE_TYPES = ("cuda", "cpu")
 
 # static table columns (multi_tensor.Tables: addresses start at column 2)
 ADAM_PARAM, ADAM_EXP_AVG, ADAM_EXP_AVG_SQ = tl.constexpr(2), tl.constexpr(3), tl.constexpr(4)
@@ -72,9 +75,10 @@ def _fp32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _scalar_args(value, dummy):
+def _scalar_args(value, what, dummy):
     """(pointer, hi, lo, is_tensor) for a hyper-parameter that is a float or a 0-dim tensor:
     a float x is passed as hi = fp32(x), lo = fp32(x - hi), with hi + lo = x to ~2^-48."""
+    value = boundary.scalar(value, what, dummy.device)
     if torch.is_tensor(value):
         return value, 0.0, 0.0, True
     hi = _fp32(float(value))
@@ -305,6 +309,9 @@ def _sgd_kernel(static_ptr, grad_table_ptr, chunk_table_ptr, counter_ptr, base_p
 
 def _common_flags(inv_scale, clip_coef, skip, dummy):
     """Pointer arguments and presence flags of the device scalars shared by both kernels."""
+    inv_scale, clip_coef, skip = (boundary.scalar(value, what, dummy.device) for value, what
+                                  in ((inv_scale, "inv_scale"), (clip_coef, "clip_coef"),
+                                      (skip, "skip")))
     return dict(inv_scale_ptr=dummy if inv_scale is None else inv_scale,
                 clip_coef_ptr=dummy if clip_coef is None else clip_coef,
                 skip_ptr=dummy if skip is None else skip,
@@ -317,12 +324,20 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
               inv_scale, clip_coef, skip, cache):
     """One Adam/AdamW step over a bucket, one launch per batch of tensors (contract:
     docs/architecture.md)."""
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    v = boundary.verify_update(
+        cache, params, grads,
+        (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+         ("max_exp_avg_sqs", max_exp_avg_sqs), ("master_params", master_params)),
+        (("steps", steps),), device_types=_DEVICE_TYPES)
     vectors = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, master_params)
-    tables = mt.tables_for(cache, "adam", grads, vectors, (steps,))
+    tables = mt.tables_for(cache, "adam", grads, vectors, (steps,),
+                           verified=(v.numels, v.ptr_key, v.grad_ptrs))
     dummy = tables.base_f32
-    lr_ptr, lr_hi, lr_lo, lr_tensor = _scalar_args(lr, dummy)
-    b1_ptr, b1_hi, b1_lo, b1_tensor = _scalar_args(beta1, dummy)
-    b2_ptr, b2_hi, b2_lo, b2_tensor = _scalar_args(beta2, dummy)
+    lr_ptr, lr_hi, lr_lo, lr_tensor = _scalar_args(lr, "lr", dummy)
+    b1_ptr, b1_hi, b1_lo, b1_tensor = _scalar_args(beta1, "beta1", dummy)
+    b2_ptr, b2_hi, b2_lo, b2_tensor = _scalar_args(beta2, "beta2", dummy)
     flags = _common_flags(inv_scale, clip_coef, skip, dummy)
     options = mt.launch_options(tables, params[0].dtype)
     for batch in tables.batches:
@@ -340,9 +355,17 @@ def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, lr,
     """One SGD step over a bucket, one launch per batch of tensors (contract:
     docs/architecture.md)."""
     has_momentum = momentum != 0
+    if has_momentum and momentum_buffers is None:
+        raise ValueError("momentum != 0 needs momentum_buffers")
+    v = boundary.verify_update(
+        cache, params, grads,
+        (("momentum_buffers", momentum_buffers), ("master_params", master_params)),
+        (("initialized", initialized),), device_types=_DEVICE_TYPES)
     vectors = (params, momentum_buffers if has_momentum else None, master_params)
-    tables = mt.tables_for(cache, "sgd", grads, vectors, (initialized if has_momentum else None,))
+    tables = mt.tables_for(cache, "sgd", grads, vectors, (initialized if has_momentum else None,),
+                           verified=(v.numels, v.ptr_key, v.grad_ptrs))
     dummy = tables.base_f32
+    lr = boundary.scalar(lr, "lr", dummy.device)
     lr_tensor = torch.is_tensor(lr)
     flags = _common_flags(inv_scale, clip_coef, skip, dummy)
     options = mt.launch_options(tables, params[0].dtype)
