@@ -1,62 +1,75 @@
-"""Shared machinery of the fused optimizers: grouping, lazy state, clip/scale plumbing.
+"""Shared machinery of the fused optimizers: the step, clip/scale plumbing, hyper-parameters.
 
 A step runs in three phases, none of which reads a device value on the host:
 
-1. collect: per param group, the params with a gradient, split into buckets by
-   (device, dtype); each bucket runs on one backend (``fusedopt.backends.select``);
+1. prepare (``_plan.prepare``): per param group, the params with a gradient, split into
+   buckets by (device, dtype), each run by one backend (``fusedopt.backends.select``);
+   every param, gradient and state tensor is checked -- against a fingerprint when nothing
+   changed since the last step, in full otherwise -- and vouched for at the kernel boundary
+   before anything runs or any lazy state is written;
 2. norm (only when clipping, a loss scale, ``skip_nonfinite`` or ``track_grad_norm``
    needs it): one ``multi_tensor_norm`` per (device, dtype) over all groups, giving the
    global norm after unscaling and the inf/NaN flag, both device tensors;
 3. update: one ``adam_step`` / ``sgd_step`` per bucket with ``inv_scale``, ``clip_coef``
    and ``skip`` as 0-dim device tensors.
 
-State lives in ``self._fo_state`` (param -> dict of fp32 tensors, torch's keys).  Entries
-that never completed a step are hidden from ``optimizer.state`` and ``state_dict()``
-(see docs/optimizers.md, "Lazy state").
+State lives in ``self._fo_state`` (param -> dict of tensors, torch's keys), shown through
+``optimizer.state`` (see ``_state.py`` and docs/optimizers.md, "Lazy state").
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from itertools import chain
+
 import torch
 from torch.optim import Optimizer
 
 from fusedopt import backends
+from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim import _checks
+from fusedopt.optim._plan import prepare
 from fusedopt.optim._state import StateMixin
 
 _F32 = torch.float32
 
 
-class _Bucket:
-    """The params of one param group on one (device, dtype), with their state lists."""
-
-    __slots__ = ("key", "params", "lists", "cache", "backend")
-
-    def __init__(self, key, params, lists, backend):
-        self.key = key
-        self.params = params
-        self.lists = lists
-        self.cache: dict = {}
-        self.backend = backend
-
-
-def _on(value, device):
-    """A 0-dim hyper-parameter tensor as fp32 on ``device``; Python numbers unchanged."""
-    if torch.is_tensor(value):
-        if value.device != device or value.dtype != _F32:
-            value = value.to(device=device, dtype=_F32)
-        return value.reshape(())
-    return value
+def _to(value, device):
+    """A one-element tensor (a flag, a scale) as a 0-dim fp32 tensor on ``device``; None
+    unchanged.  A copy from the CPU to an accelerator is non-blocking (the source is
+    staged at once: no wait for the device); one to the CPU waits for the source device."""
+    if value is None:
+        return None
+    if value.dim() != 0:
+        value = value.reshape(())
+    if value.device != device:
+        value = value.to(device, non_blocking=device.type != "cpu")
+    return value if value.dtype == _F32 else value.to(_F32)
 
 
-def _grad_like_param(p, g):
-    """The gradient with the param's strides (the backends walk both as flat memory)."""
-    if g.stride() == p.stride():
-        return g
-    out = torch.empty_like(p)
-    out.copy_(g)
-    return out
+def _hyper(value, device):
+    """lr / a beta as a backend takes it: a Python float, or a 0-dim fp32 tensor on device.
+
+    A CPU tensor for params on an accelerator is read on the host at each step -- a memory
+    load, not a device synchronisation (what torch's fused optimizers do); a tensor on
+    another accelerator is copied without blocking the host."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    if value.device.type == "cpu" and device.type != "cpu":
+        return float(value.reshape(()).item())
+    return _to(value, device)
+
+
+def _amp_scalar(value, name):
+    """``grad_scale`` / ``found_inf`` set by a GradScaler: a one-element tensor (shape []
+    from torch.amp.GradScaler, [1] from the FSDP ShardedGradScaler), as 0-dim."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"optimizer.{name} must be a tensor or None, got {type(value).__name__}")
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"optimizer.{name} must be a one-element floating-point tensor, got "
+                         f"shape {tuple(value.shape)} dtype {value.dtype}")
+    return value.reshape(())
 
 
 class FusedOptimizer(StateMixin, Optimizer):
@@ -82,8 +95,8 @@ class FusedOptimizer(StateMixin, Optimizer):
         self.master_weights = master_weights
         self.backend = backend
         self._fo_backends: dict[torch.device, object] = {}
-        self._fo_buckets: dict[tuple, _Bucket] = {}
-        self._fo_norm_caches: dict[tuple, tuple] = {}
+        self._fo_plans: dict = {}
+        self._fo_norm_caches: dict[tuple, dict] = {}
         self._fo_epoch = 0
         self.last_grad_norm: torch.Tensor | None = None
         super().__init__(params, defaults)
@@ -102,7 +115,8 @@ class FusedOptimizer(StateMixin, Optimizer):
         try:
             for p in self.param_groups[-1]["params"]:
                 _checks.param(p)
-                self._backend_for(p.device)
+                if p.device.type != "meta":  # materialised later (e.g. to_empty) is fine
+                    self._backend_for(p.device)
         except Exception:
             self.param_groups.pop()
             raise
@@ -127,20 +141,26 @@ class FusedOptimizer(StateMixin, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         loss_scale = self.__dict__.pop("_fo_loss_scale", None)
-        amp_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step
-        amp_found_inf = getattr(self, "found_inf", None)
+        amp_scale = _amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
+        amp_found_inf = _amp_scalar(getattr(self, "found_inf", None), "found_inf")
+        try:
+            buckets = prepare(self)
+            self._fo_step_buckets(buckets, loss_scale, amp_scale, amp_found_inf)
+        finally:
+            self._fo_release()
+        return loss
 
-        buckets = self._collect()
+    def _fo_step_buckets(self, buckets, loss_scale, amp_scale, amp_found_inf):
         scale = loss_scale
         if amp_scale is not None:
-            scale = amp_scale if scale is None else scale * amp_scale.to(scale.device)
+            scale = amp_scale if scale is None else scale * _to(amp_scale, scale.device)
         if not buckets:
             if loss_scale is not None:
                 self._fo_found_inf = torch.zeros((), dtype=_F32, device=loss_scale.device)
-            return loss
+            return
 
-        home = loss_scale.device if loss_scale is not None else buckets[0].params[0].device
-        inv_scale = None if scale is None else scale.double().reciprocal().float().to(home)
+        home = loss_scale.device if loss_scale is not None else buckets[0].device
+        inv_scale = None if scale is None else _to(scale.double().reciprocal().float(), home)
 
         need_norm = (self.max_grad_norm is not None or self.track_grad_norm
                      or self.skip_nonfinite or loss_scale is not None)
@@ -154,17 +174,24 @@ class FusedOptimizer(StateMixin, Optimizer):
             if loss_scale is not None or self.skip_nonfinite:
                 skip = nonfinite
         if amp_found_inf is not None:
-            found = amp_found_inf.to(home, _F32)
+            found = _to(amp_found_inf, home)
             skip = found if skip is None else torch.maximum(skip, found)
         if skip is not None:
-            self.skipped_steps.add_((skip > 0).to(self.skipped_steps.device, torch.int64))
+            self.skipped_steps.add_(_to(skip, self.skipped_steps.device).gt(0).long())
         if loss_scale is not None:
-            self._fo_found_inf = skip.to(loss_scale.device)
+            self._fo_found_inf = _to(skip, loss_scale.device)
 
         for bucket in buckets:
-            dev = bucket.params[0].device
-            self._run_bucket(bucket, _on(inv_scale, dev), _on(clip_coef, dev), _on(skip, dev))
-        return loss
+            dev = bucket.device
+            self._run_bucket(bucket, _to(inv_scale, dev), _to(clip_coef, dev), _to(skip, dev))
+
+    def _fo_release(self):
+        """Drop the boundary tokens of this step (they hold its gradient lists)."""
+        for plan in self._fo_plans.values():
+            for bucket in plan.buckets:
+                boundary.release(bucket.cache)
+        for cache in self._fo_norm_caches.values():
+            boundary.release(cache)
 
     def _fo_step_with_loss_scale(self, scale):
         """Called by LossScaler.step: one step whose gradients are scaled by ``scale``.
@@ -177,71 +204,38 @@ class FusedOptimizer(StateMixin, Optimizer):
             self.__dict__.pop("_fo_loss_scale", None)
         return self.__dict__.pop("_fo_found_inf")
 
-    def _collect(self):
-        """Buckets of this step (params with a gradient), grads refreshed; no device reads."""
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            split: dict[tuple, list] = {}
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise TypeError(
-                        f"{type(self).__name__} does not support sparse gradients "
-                        f"(param of shape {tuple(p.shape)} in param group {gi} has a "
-                        f"{g.layout} gradient)")
-                split.setdefault((p.device, p.dtype), []).append(p)
-            for (device, dtype), params in split.items():
-                bkey = (gi, device, dtype)
-                key = (self._fo_epoch, self._layout(group),
-                       tuple((id(p), p.data_ptr()) for p in params))
-                bucket = self._fo_buckets.get(bkey)
-                if bucket is None or bucket.key != key:
-                    lists = self._state_lists(group, params)
-                    bucket = _Bucket(key, params, lists, self._backend_for(device))
-                    self._fo_buckets[bkey] = bucket
-                bucket.lists["grads"] = [_grad_like_param(p, p.grad) for p in params]
-                bucket.lists["group"] = group
-                out.append(bucket)
-        return out
-
     def _global_norm(self, buckets, inv_scale, home):
         """(Σ g², any inf/NaN) over every gradient of the step, on ``home``."""
-        per_kind: dict[tuple, list] = defaultdict(list)
+        per_kind: dict[tuple, list] = {}
         for bucket in buckets:
-            p0 = bucket.params[0]
-            per_kind[(p0.device, p0.dtype)].extend(bucket.lists["grads"])
+            per_kind.setdefault((bucket.device, bucket.dtype), []).append(bucket)
         total = None
-        for (device, dtype), grads in per_kind.items():
-            key = tuple(b.key for b in buckets if b.params[0].device == device and b.params[0].dtype == dtype)
-            cached = self._fo_norm_caches.get((device, dtype))
-            if cached is None or cached[0] != key:
-                cached = (key, {})
-                self._fo_norm_caches[(device, dtype)] = cached
-            res = self._backend_for(device).multi_tensor_norm(grads, _on(inv_scale, device), cached[1])
-            res = res.to(home)
+        for (device, dtype), group in per_kind.items():
+            if len(group) == 1:
+                grads, numels, ptrs = group[0].grads, group[0].verified.numels, \
+                    group[0].verified.grad_ptrs
+            else:
+                grads = list(chain.from_iterable(b.grads for b in group))
+                numels = tuple(chain.from_iterable(b.verified.numels for b in group))
+                ptrs = list(chain.from_iterable(b.verified.grad_ptrs for b in group))
+            cache = self._fo_norm_caches.setdefault((device, dtype), {})
+            boundary.vouch_norm(cache, grads, numels, ptrs)
+            res = self._backend_for(device).multi_tensor_norm(grads, _to(inv_scale, device), cache)
+            res = res.to(home, non_blocking=home.type != "cpu")
             total = res if total is None else torch.stack([total[0] + res[0], torch.maximum(total[1], res[1])])
         return total[0], total[1]
 
-    # per optimizer: the group settings that shape the state lists, create lazy state and
-    # build the lists for the backend, run the backend
+    # per optimizer: the group settings that shape the state lists; the checked state lists
+    # of a bucket (missing state prepared in `pending`); the lists in the boundary's form
+    # ((name, list) pairs, the same objects `_run_bucket` passes); run the backend
     def _layout(self, group):
         raise NotImplementedError
 
-    def _state_lists(self, group, params):
+    def _state_lists(self, bucket, pending):
+        raise NotImplementedError
+
+    def _boundary_lists(self, bucket):
         raise NotImplementedError
 
     def _run_bucket(self, bucket, inv_scale, clip_coef, skip):
         raise NotImplementedError
-
-    def _master_for(self, p, state):
-        """The fp32 master copy of a low-precision param (created on first use), or None."""
-        if not self.master_weights or p.dtype == _F32:
-            return None
-        master = state.get("master_param")
-        if master is None:
-            master = p.detach().to(_F32, copy=True)
-            state["master_param"] = master
-        return master
-

@@ -1,7 +1,9 @@
 """Argument checks of the fused optimizers: each error names the argument and the value.
 
-They run at construction (and in ``add_param_group``), before any kernel; reading a tensor
-hyper-parameter here may synchronise, ``step()`` never does.
+They run at construction (and in ``add_param_group``), and in ``step()`` / ``load_state_dict``
+whenever a param, gradient or state tensor is new or changed, always before any kernel;
+reading a tensor hyper-parameter at construction may synchronise, ``step()`` never does.
+The kernel boundary (fusedopt/backends/_optim_boundary.py) checks the same again, last.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from numbers import Real
 
 import torch
 
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from fusedopt.backends import _optim_boundary as boundary
+
+PARAM_DTYPES = boundary.PARAM_DTYPES
 
 
 def _is_real(value) -> bool:
@@ -79,22 +83,97 @@ def nesterov(nesterov_flag, momentum, dampening):
                          f"got momentum={momentum!r}, dampening={dampening!r}")
 
 
-def _is_dense(t: torch.Tensor) -> bool:
-    """True when the elements fill their memory span exactly (any dim order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def param(p):
+    """A param at construction: a plain tensor (no subclass) of a kernel dtype, dense."""
+    boundary.local_tensor(p, f"a param of shape {tuple(p.shape)}")
     if p.dtype not in PARAM_DTYPES:
         raise TypeError(f"params must be float32, bfloat16 or float16; got a param of shape "
                         f"{tuple(p.shape)} with dtype {p.dtype}")
-    if not _is_dense(p):
+    if not boundary.is_dense(p):
         raise ValueError(f"params must be dense (no gaps or overlaps in memory); got a param "
                          f"of shape {tuple(p.shape)} with strides {p.stride()}")
+
+
+def step_param(p, where):
+    """A param at a step (``p.data`` may have been replaced since construction)."""
+    if p.device.type == "meta":
+        raise TypeError(f"{where} is on the meta device: it has no data to step")
+    if p.dtype not in PARAM_DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; params must be float32, bfloat16 or "
+                        f"float16")
+    if not boundary.is_dense(p):
+        raise ValueError(f"{where} is not dense (shape {tuple(p.shape)}, strides {p.stride()})")
+
+
+def grad(g, p, where, optimizer) -> bool:
+    """The gradient of param ``p`` at a step; True when its strides differ from the param's
+    (the step then uses a copy in the param's layout)."""
+    if g.layout != torch.strided:
+        raise TypeError(f"{optimizer} does not support sparse gradients ({where}, of shape "
+                        f"{tuple(p.shape)}, has a {g.layout} gradient)")
+    boundary.local_tensor(g, f"the gradient of {where}")
+    if g.dtype != p.dtype:
+        raise TypeError(f"the gradient of {where} has dtype {g.dtype}, expected {p.dtype} (the "
+                        f"param's dtype)")
+    if g.device != p.device:
+        raise ValueError(f"the gradient of {where} is on {g.device}, expected {p.device} (the "
+                         f"param's device)")
+    if g.shape != p.shape:
+        raise ValueError(f"the gradient of {where} has shape {tuple(g.shape)}, expected "
+                         f"{tuple(p.shape)} (the param's shape)")
+    if g.is_neg() or g.is_conj():
+        raise ValueError(f"the gradient of {where} is a lazily negated view")
+    return not boundary.same_layout(g, p)
+
+
+def state_tensor(value, key, p, where):
+    """``optimizer.state[p][key]`` as a step uses it: None when absent, else an fp32 tensor
+    with the param's device, shape and layout (refused otherwise, naming it)."""
+    if value is None:
+        return None
+    what = f"optimizer.state[{where}][{key!r}]"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
+    boundary.local_tensor(value, what)
+    if value.layout != torch.strided:
+        raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
+    if value.dtype != torch.float32:
+        raise TypeError(f"{what} has dtype {value.dtype}, expected torch.float32 (the fused "
+                        f"optimizers keep fp32 states)")
+    if value.device != p.device:
+        raise ValueError(f"{what} is on {value.device}, expected {p.device} (the param's device)")
+    if value.shape != p.shape:
+        raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
+                         f"(the param's shape)")
+    if not boundary.same_layout(value, p):
+        raise ValueError(f"{what} has strides {value.stride()}, expected the param's "
+                         f"{p.stride()} (create it with torch.zeros_like(param, "
+                         f"dtype=torch.float32))")
+    if value.is_neg() or value.is_conj():
+        raise ValueError(f"{what} is a lazily negated view")
+    return value
+
+
+def step_count(value, p, what):
+    """A step counter as the kernels take it: a 0-dim fp32 tensor on the param's device.
+
+    Returns ``(tensor, converted)``; a Python number or a one-element real tensor of any
+    shape, dtype or device is converted (without a host sync)."""
+    if isinstance(value, torch.Tensor):
+        boundary.local_tensor(value, what)
+        if value.numel() != 1 or value.layout != torch.strided:
+            raise ValueError(f"{what} must hold one number, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        if value.is_complex() or value.device.type == "meta":
+            raise TypeError(f"{what} must be a real number on a device with data, got "
+                            f"{value.dtype} on {value.device}")
+        if value.dim() == 0 and value.dtype == torch.float32 and value.device == p.device:
+            return value, False
+        value = value.detach().reshape(())
+        if value.device != p.device:
+            value = value.to(p.device, non_blocking=value.device.type == "cpu")
+        return value.to(torch.float32, copy=True), True
+    if not _is_real(value):
+        raise TypeError(f"{what} must be a number or a one-element tensor, got "
+                        f"{type(value).__name__}")
+    return torch.full((), float(value), dtype=torch.float32, device=p.device), True

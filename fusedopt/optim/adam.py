@@ -7,19 +7,24 @@ the backends' ``adam_step`` (docs/architecture.md).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from fusedopt.optim import _checks
-from fusedopt.optim._base import FusedOptimizer, _on
+from fusedopt.optim._base import FusedOptimizer, _hyper
+from fusedopt.optim._plan import STATE_KEY, step_state, vector_state
 
 _F32 = torch.float32
 
 
 class FusedAdam(FusedOptimizer):
-    """Adam with L2 weight decay (``torch.optim.Adam``), fused; see SPEC §2."""
+    """Adam with L2 weight decay (``torch.optim.Adam``), fused; see docs/optimizers.md."""
 
     _OP = "adam"
     _DECOUPLED = False
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+    _STEP_KEY = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  amsgrad=False, maximize=False, max_grad_norm=None, track_grad_norm=False,
@@ -43,49 +48,49 @@ class FusedAdam(FusedOptimizer):
 
     def _fo_visible(self, p, entry):
         step = entry.get("step")
-        return step is not None and bool(step > 0)
+        if isinstance(step, torch.Tensor):
+            return step.numel() == 1 and bool(step.reshape(()) > 0)
+        return step is not None
 
     def _layout(self, group):
-        return bool(group["amsgrad"])
+        return bool(group["amsgrad"]), self.master_weights
 
-    def _state_lists(self, group, params):
-        amsgrad = bool(group["amsgrad"])
-        exp_avgs, exp_avg_sqs, max_sqs, masters, steps = [], [], [], [], []
-        for p in params:
-            st = self._fo_state[p]
-            if "step" not in st:
-                st["step"] = torch.zeros((), dtype=_F32, device=p.device)
-            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
-                if key not in st:
-                    st[key] = torch.zeros_like(p, dtype=_F32)
-            exp_avgs.append(st["exp_avg"])
-            exp_avg_sqs.append(st["exp_avg_sq"])
-            if amsgrad:
-                max_sqs.append(st["max_exp_avg_sq"])
-            steps.append(st["step"])
-            master = self._master_for(p, st)
-            if master is not None:
-                masters.append(master)
-        return {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-                "max_exp_avg_sqs": max_sqs if amsgrad else None,
-                "master_params": masters if masters else None, "steps": steps}
+    def _state_lists(self, b, pending):
+        zeros = partial(torch.zeros_like, dtype=_F32)
+        masters = self.master_weights and b.dtype != _F32
+        b.lists = {
+            "exp_avgs": vector_state(self, b, "exp_avg", pending, zeros),
+            "exp_avg_sqs": vector_state(self, b, "exp_avg_sq", pending, zeros),
+            "max_exp_avg_sqs": (vector_state(self, b, "max_exp_avg_sq", pending, zeros)
+                                if b.group["amsgrad"] else None),
+            "master_params": (vector_state(self, b, "master_param", pending, _master_copy)
+                              if masters else None),
+            "steps": step_state(self, b, pending),
+        }
+        b.state_lists = tuple((STATE_KEY[name], lst) for name, lst in b.lists.items()
+                              if lst is not None)
 
-    def _run_bucket(self, bucket, inv_scale, clip_coef, skip):
-        lists, group = bucket.lists, bucket.lists["group"]
-        device = bucket.params[0].device
+    def _boundary_lists(self, b):
+        lists = b.lists
+        return ((("exp_avgs", lists["exp_avgs"]), ("exp_avg_sqs", lists["exp_avg_sqs"]),
+                 ("max_exp_avg_sqs", lists["max_exp_avg_sqs"]),
+                 ("master_params", lists["master_params"])), (("steps", lists["steps"]),))
+
+    def _run_bucket(self, b, inv_scale, clip_coef, skip):
+        lists, group, device = b.lists, b.group, b.device
         beta1, beta2 = group["betas"]
-        bucket.backend.adam_step(
-            lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+        b.backend.adam_step(
+            b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"],
             lists["max_exp_avg_sqs"], lists["master_params"], lists["steps"],
             lr=_hyper(group["lr"], device), beta1=_hyper(beta1, device),
             beta2=_hyper(beta2, device), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]), decoupled=self._DECOUPLED,
-            inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=bucket.cache)
+            inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=b.cache)
 
 
 class FusedAdamW(FusedAdam):
-    """Adam with decoupled weight decay (``torch.optim.AdamW``), fused; see SPEC §2."""
+    """Adam with decoupled weight decay (``torch.optim.AdamW``), fused; see docs/optimizers.md."""
 
     _DECOUPLED = True
 
@@ -98,6 +103,6 @@ class FusedAdamW(FusedAdam):
                          capturable=capturable, backend=backend)
 
 
-def _hyper(value, device):
-    """lr / beta as the backend takes it: a Python float or an fp32 0-dim tensor on device."""
-    return _on(value, device) if torch.is_tensor(value) else float(value)
+def _master_copy(p):
+    """The fp32 master of a low-precision param, made from it (its layout kept)."""
+    return p.detach().to(_F32, copy=True)

@@ -2,25 +2,30 @@
 clipping and skip; one step equals ``torch.optim.SGD`` to fp32 rounding.
 
 The "momentum buffer holds a value" flags (``initialized``) are device tensors kept in
-``self._fo_initialized``, outside the visible state: torch's SGD state has only
-``momentum_buffer``, shown once the buffer was set by a step that was not skipped.
+``self._fo_sgd_flags`` (param -> (buffer, flag)), outside the visible state: torch's SGD
+state has only ``momentum_buffer``, shown once the buffer was set by a step that was not
+skipped.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from fusedopt.optim import _checks
-from fusedopt.optim._base import FusedOptimizer
-from fusedopt.optim.adam import _hyper
+from fusedopt.optim._base import FusedOptimizer, _hyper
+from fusedopt.optim._plan import vector_state
 
 _F32 = torch.float32
 
 
 class FusedSGD(FusedOptimizer):
-    """SGD (``torch.optim.SGD``), fused; see SPEC §2."""
+    """SGD (``torch.optim.SGD``), fused; see docs/optimizers.md."""
 
     _OP = "sgd"
+    _STATE_KEYS = ("momentum_buffer",)
+    _STEP_KEY = False
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, track_grad_norm=False,
@@ -28,7 +33,6 @@ class FusedSGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         self._check_hyper_params(defaults)
-        self._fo_initialized: dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(params, defaults, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
                          master_weights=False, backend=backend)
@@ -42,46 +46,42 @@ class FusedSGD(FusedOptimizer):
         _checks.flag("maximize", group["maximize"])
 
     def _fo_visible(self, p, entry):
-        flag = self._fo_initialized.get(p)
-        return "momentum_buffer" in entry and flag is not None and bool(flag > 0)
-
-    def _fo_import(self, p, entry):
-        if "momentum_buffer" in entry:
-            self._fo_initialized[p] = torch.ones((), dtype=_F32, device=p.device)
-        return entry
-
-    def _fo_reset(self, state):
-        flags = getattr(self, "_fo_initialized", {})
-        self._fo_initialized = {p: f for p, f in flags.items()
-                                if "momentum_buffer" in state.get(p, {})}
-        super()._fo_reset(state)
+        record = self._fo_sgd_flags.get(p)
+        return record is not None and bool(record[1] > 0)
 
     def _layout(self, group):
         return group["momentum"] != 0
 
-    def _state_lists(self, group, params):
-        with_buffer = group["momentum"] != 0
-        buffers, flags = [], []
-        for p in params:
-            st = self._fo_state[p]
-            flag = self._fo_initialized.get(p)
-            if flag is None:
-                flag = self._fo_initialized[p] = torch.zeros((), dtype=_F32, device=p.device)
-            if with_buffer:
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, dtype=_F32)
-                    flag.zero_()
-                buffers.append(st["momentum_buffer"])
-            flags.append(flag)
-        return {"params": params, "momentum_buffers": buffers if with_buffer else None,
-                "initialized": flags}
+    def _state_lists(self, b, pending):
+        """Momentum buffers and their "holds a value" flags.  A buffer the optimizer created
+        starts unset (torch's first step ``buf = d_p``); any other buffer found in the state
+        (loaded, or written by the user) is used as it is, as torch does."""
+        buffers = None
+        flags = [torch.zeros((), dtype=_F32, device=p.device) for p in b.params]
+        if b.group["momentum"] != 0:
+            buffers = vector_state(self, b, "momentum_buffer", pending,
+                                   partial(torch.zeros_like, dtype=_F32))
+            created = {id(value) for p, key, value in pending.writes}
+            for i, (p, buf) in enumerate(zip(b.params, buffers)):
+                record = self._fo_sgd_flags.get(p)
+                if record is not None and record[0] is buf:
+                    flags[i] = record[1]
+                    continue
+                if id(buf) not in created:
+                    flags[i].fill_(1.0)
+                pending.extras.append(partial(self._fo_sgd_flags.__setitem__, p, (buf, flags[i])))
+        b.lists = {"momentum_buffers": buffers, "initialized": flags}
+        b.state_lists = (("momentum_buffer", buffers),) if buffers is not None else ()
 
-    def _run_bucket(self, bucket, inv_scale, clip_coef, skip):
-        lists, group = bucket.lists, bucket.lists["group"]
-        device = bucket.params[0].device
-        bucket.backend.sgd_step(
-            lists["params"], lists["grads"], lists["momentum_buffers"], None, lists["initialized"],
-            lr=_hyper(group["lr"], device), momentum=float(group["momentum"]),
+    def _boundary_lists(self, b):
+        return ((("momentum_buffers", b.lists["momentum_buffers"]), ("master_params", None)),
+                (("initialized", b.lists["initialized"]),))
+
+    def _run_bucket(self, b, inv_scale, clip_coef, skip):
+        group = b.group
+        b.backend.sgd_step(
+            b.params, b.grads, b.lists["momentum_buffers"], None, b.lists["initialized"],
+            lr=_hyper(group["lr"], b.device), momentum=float(group["momentum"]),
             dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
             nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-            inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=bucket.cache)
+            inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=b.cache)

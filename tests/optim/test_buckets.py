@@ -1,5 +1,5 @@
 """The optimizer layer: buckets per (group, device, dtype), norm pass only when needed,
-the per-bucket cache dict kept across steps and replaced when the bucket changes."""
+the per-bucket cache dict kept across steps, its boundary record following the tensors."""
 
 import pytest
 import torch
@@ -57,10 +57,12 @@ def test_one_norm_per_dtype_over_all_groups(calls, option):
     assert sum(n == "sgd_step" for n, _, _ in calls) == 3
 
 
-def test_cache_is_kept_until_the_bucket_changes(calls):
+def test_cache_is_kept_and_its_boundary_record_follows_the_tensors(calls):
+    """One cache dict per (group, device, dtype) across steps; the kernel boundary's record in
+    it (what the backends key their tables by) is replaced exactly when a tensor changed."""
     ps = make_params()
     opt = fo.optim.FusedAdamW(ps, max_grad_norm=1.0, backend="torch")
-    grads = make_grads(steps=5)
+    grads = make_grads(steps=6)
 
     def step_caches(g):
         calls.clear()
@@ -69,13 +71,18 @@ def test_cache_is_kept_until_the_bucket_changes(calls):
         return {n: c for n, _, c in calls}
 
     first = step_caches(grads[0])
-    second = step_caches(grads[1])  # same tensors: the same cache dicts
+    record = first["adam_step"]["boundary"]
+    second = step_caches(grads[1])  # same tensors, new gradients: same dicts, same record
     assert all(second[n] is first[n] for n in first)
+    assert second["adam_step"]["boundary"] is record
     g = list(grads[2])
     g[0] = None
-    changed = step_caches(g)  # a param without grad: a different bucket
-    assert changed["adam_step"] is not first["adam_step"]
-    assert changed["multi_tensor_norm"] is not first["multi_tensor_norm"]
-    again = step_caches(grads[3])
-    opt.load_state_dict(opt.state_dict())  # new state tensors: new cache
-    assert step_caches(grads[4])["adam_step"] is not again["adam_step"]
+    changed = step_caches(g)  # a param without grad: other lists, a new record
+    assert changed["adam_step"] is first["adam_step"]
+    assert changed["adam_step"]["boundary"] is not record
+    record = step_caches(grads[3])["adam_step"]["boundary"]
+    opt.state[ps[1]]["exp_avg"] = opt.state[ps[1]]["exp_avg"].clone()  # a replaced state
+    assert step_caches(grads[4])["adam_step"]["boundary"] is not record
+    before = step_caches(grads[4])["adam_step"]
+    opt.load_state_dict(opt.state_dict())  # new state tensors: new plans and caches
+    assert step_caches(grads[5])["adam_step"] is not before

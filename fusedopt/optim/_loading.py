@@ -1,0 +1,112 @@
+"""``load_state_dict`` of the fused optimizers: torch's loader, every entry validated first.
+
+What torch's loader does -- param groups matched by count, hyper-parameters replaced, state
+values moved to the param's device and cast -- with two differences: states stay fp32
+(torch casts them to a bf16/fp16 param's dtype), and nothing is installed before the whole
+checkpoint passed these checks, each naming the param index (its position in the
+checkpoint's groups) and the key:
+
+- a known state tensor (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``,
+  ``momentum_buffer``): a plain tensor (TypeError otherwise) with data (not meta), of a
+  dtype that casts to float32 (not complex), of the param's shape (ValueError otherwise);
+  it is copied into a new fp32 tensor with the param's device and layout;
+- ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
+  0-dim fp32 tensor on the param's device;
+- None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
+  created at the next step as at a first step; other keys are kept as they are;
+- the loaded hyper-parameters pass the same checks as the constructor's.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from numbers import Real
+
+import torch
+
+from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.optim import _checks
+
+_F32 = torch.float32
+
+
+def load(opt, state_dict):
+    """(new param groups, new internal state) for ``state_dict``; raises, changing nothing."""
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict \
+            or "state" not in state_dict:
+        raise ValueError("a state dict must be a dict with 'state' and 'param_groups' entries")
+    groups = opt.param_groups
+    saved_groups = deepcopy(state_dict["param_groups"])
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                         f"the optimizer has {len(groups)}")
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if len(g["params"]) != len(sg["params"]):
+            raise ValueError(f"loaded state dict's parameter group {i} has {len(sg['params'])} "
+                             f"params, the optimizer's has {len(g['params'])}")
+    id_map = {}
+    for g, sg in zip(groups, saved_groups):
+        id_map.update(zip(sg["params"], g["params"]))
+
+    state = {}
+    for index, entry in state_dict["state"].items():
+        p = id_map.get(index)
+        state[index if p is None else p] = entry if p is None else _entry(opt, p, index, entry)
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        sg["params"] = g["params"]
+        if "param_names" in g and "param_names" not in sg:
+            sg["param_names"] = g["param_names"]
+        for name, default in opt.defaults.items():
+            sg.setdefault(name, default)
+        try:
+            opt._check_hyper_params(sg)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"loaded parameter group {i}: {exc}") from None
+    return saved_groups, state
+
+
+def _entry(opt, p, index, entry) -> dict:
+    if not isinstance(entry, dict):
+        raise TypeError(f"the loaded state of param {index} must be a dict, got "
+                        f"{type(entry).__name__}")
+    out = {}
+    for key, value in entry.items():
+        what = f"the loaded state of param {index}, key {key!r},"
+        if value is None:
+            continue
+        if key == "step" and opt._STEP_KEY:
+            out[key] = _step(value, p, what)
+        elif key in opt._STATE_KEYS:
+            out[key] = _tensor(value, p, what)
+        elif isinstance(value, torch.Tensor) and type(value) in boundary.PLAIN_TYPES \
+                and value.device.type != "meta":
+            out[key] = value.to(device=p.device, copy=True)
+        else:
+            out[key] = value
+    return out
+
+
+def _tensor(value, p, what) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
+    boundary.local_tensor(value, what)
+    if value.layout != torch.strided:
+        raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
+    if value.is_quantized or value.is_complex() or not torch.can_cast(value.dtype, _F32):
+        raise TypeError(f"{what} has dtype {value.dtype}, which does not cast to torch.float32")
+    if value.device.type == "meta":
+        raise ValueError(f"{what} is a meta tensor: it has no data to load")
+    if value.shape != p.shape:
+        raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
+                         f"(the param's shape)")
+    copy = torch.empty_like(p, dtype=_F32)
+    copy.copy_(value)
+    return copy
+
+
+def _step(value, p, what) -> torch.Tensor:
+    if not isinstance(value, (torch.Tensor, Real)) or isinstance(value, bool):
+        raise TypeError(f"{what} must be a number or a one-element tensor, got "
+                        f"{type(value).__name__}")
+    tensor, converted = _checks.step_count(value, p, what)
+    return tensor if converted else tensor.clone()
