@@ -127,7 +127,10 @@ class StateMixin:
     # ------------------------------------------------------------ pickling / deepcopy
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT}
+        """Everything but the caches and what torch does not pickle either: hooks and a
+        ``step`` patched onto the instance (an LR scheduler's)."""
+        return {k: v for k, v in self.__dict__.items()
+                if k not in _TRANSIENT and k != "step" and not k.startswith("_optimizer_")}
 
     def __setstate__(self, state):
         state = dict(state)
