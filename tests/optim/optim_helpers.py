@@ -44,14 +44,16 @@ def assert_params_close(actual, expected, rtol=1e-5, atol=1e-6):
 
 
 def snapshot(opt, params):
-    """Bit copies of params and of every internal state tensor (hidden entries too)."""
+    """Bit copies of params, of every internal state tensor (hidden entries too) and of the
+    SGD flags, and the number of state entries and keys."""
     out = [p.detach().clone() for p in params]
     for p in params:
         for key, value in sorted(opt._fo_state.get(p, {}).items()):
-            if torch.is_tensor(value):
+            if torch.is_tensor(value) and value.device.type != "meta":
                 out.append(value.detach().clone())
-    for flag in getattr(opt, "_fo_initialized", {}).values():
+    for _, flag in getattr(opt, "_fo_sgd_flags", {}).values():
         out.append(flag.clone())
+    out.append(torch.tensor([len(opt._fo_state)] + [len(opt._fo_state.get(p, {})) for p in params]))
     return out
 
 

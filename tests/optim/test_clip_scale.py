@@ -320,3 +320,37 @@ def test_loss_scaler_backs_off_and_never_grows_to_inf():
     scaler._found_inf = torch.tensor(1.0)
     scaler.update()
     assert scaler.get_scale() == 2.0**126
+
+
+def test_grad_scaler_flags_of_shape_1_are_accepted(backend):
+    """FSDP's ShardedGradScaler hands ``found_inf`` as a shape [1] tensor (GradScaler's is
+    0-dim); ``grad_scale`` of shape [1] is taken too."""
+    device = require_op(backend, "adam")
+    ours = make_params(device=device)
+    ref = clone_params(ours)
+    opt = fo.optim.FusedAdamW(ours, lr=1e-2, backend=backend)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    scale = 64.0
+    for k, g in enumerate(make_grads(steps=3)):
+        set_grads(ours, [x * scale for x in g])
+        if k == 1:
+            ours[0].grad[0, 0] = INF
+        opt.grad_scale = torch.full((1,), scale, device=device)
+        opt.found_inf = torch.full((1,), float(k == 1), device=device)
+        before = snapshot(opt, ours)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        if k == 1:
+            assert_bit_identical(before, snapshot(opt, ours))
+            continue
+        set_grads(ref, g)
+        ref_opt.step()
+    assert_params_close(ours, ref)
+    assert int(opt.skipped_steps) == 1
+    for name, value, exc in [("found_inf", torch.zeros(2), ValueError),
+                             ("grad_scale", torch.ones(1, 1, dtype=torch.int64), ValueError),
+                             ("found_inf", 0.0, TypeError)]:
+        setattr(opt, name, value)
+        with pytest.raises(exc, match=f"optimizer.{name} must be"):
+            opt.step()
+        delattr(opt, name)

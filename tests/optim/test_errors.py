@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedopt as fo
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, require_op
 from optim_helpers import make_grads, make_params, set_grads, snapshot, assert_bit_identical
 
 ADAM_CASES = [
@@ -152,3 +152,54 @@ def test_step_never_reads_device_values(monkeypatch):
     monkeypatch.undo()
     assert scaler.get_scale() == 2.0**9  # 2^8: grown, backed off, grown
     assert adam.skipped_steps.item() == 2
+
+
+def test_meta_params_construct_but_are_refused_at_step(backend):
+    require_op(backend, "adam")
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    opt = fo.optim.FusedAdamW(model.parameters(), backend=backend)  # deferred init is fine
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(TypeError, match="param 0 of param group 0 is on the meta device"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+def test_cpu_tensor_hyper_parameters_are_read_on_the_host_for_accelerator_params(monkeypatch):
+    """A CPU tensor lr/beta for params on an accelerator is read on the host at each step (a
+    memory load, as torch's fused optimizers do), never copied with a blocking .to()."""
+    from fusedopt.optim._base import _hyper
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a blocking copy of a hyper-parameter")
+
+    lr = torch.tensor(0.25)
+    monkeypatch.setattr(torch.Tensor, "to", no_copy)
+    value = _hyper(lr, torch.device("cuda", 0))
+    assert type(value) is float and value == 0.25
+    lr.fill_(0.5)  # changed in place: the next step reads the new value
+    assert _hyper(lr, torch.device("cuda", 0)) == 0.5
+    assert _hyper(torch.tensor([0.125]), torch.device("cuda", 1)) == 0.125
+    assert _hyper(lr, torch.device("cpu")) is lr  # read by the CPU kernel itself
+    monkeypatch.undo()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_cpu_tensor_lr_and_betas_with_cuda_params(backend):
+    require_op(backend, "adam")
+    ours = make_params(device="cuda")
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    lr, betas = torch.tensor(0.02), (torch.tensor(0.9), torch.tensor(0.99))
+    opt = fo.optim.FusedAdamW(ours, lr=lr, betas=betas, backend=backend)
+    ref_opt = torch.optim.AdamW(ref, lr=0.02, betas=(0.9, 0.99), foreach=False)
+    for k, grads in enumerate(make_grads(steps=4)):
+        set_grads(ours, grads)
+        set_grads(ref, grads)
+        opt.step()
+        ref_opt.step()
+        lr.mul_(0.5)  # in place: used from the next step on
+        ref_opt.param_groups[0]["lr"] = float(lr)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -147,3 +147,85 @@ def test_deepcopy_keeps_the_full_state():
     train(opt2, ps2, make_grads(steps=2, seed=5))
     for a, b in zip(ps, ps2):
         assert torch.equal(a, b)
+
+
+STEPS = [3, 3.0, torch.tensor(3.0), torch.tensor([3]), torch.tensor([[3.0]], dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("step", STEPS, ids=["int", "float", "tensor", "int64_1", "float64_1x1"])
+def test_checkpoint_step_of_any_form_loads(backend, step):
+    device = require_op(backend, "adam")
+    grads = make_grads(steps=5)
+    ref = make_params(device=device)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2)
+    train(ref_opt, ref, grads[:3])
+    sd = _saved(ref_opt.state_dict())
+    for entry in sd["state"].values():
+        entry["step"] = step
+    ours = clone_params(ref)
+    opt = fo.optim.FusedAdamW(ours, lr=1e-2, backend=backend)
+    opt.load_state_dict(sd)
+    for p in ours:
+        s = opt.state[p]["step"]
+        assert s.shape == () and s.dtype == torch.float32 and s.device == p.device and float(s) == 3
+    train(opt, ours, grads[3:])
+    train(ref_opt, ref, grads[3:])
+    assert_params_close(ours, ref)
+
+
+def test_castable_missing_extra_and_none_entries_load(backend):
+    """float64 / bf16 / uint8 moments are cast to fp32 (like torch's loader), a missing key
+    is created as at a first step, extra keys and unknown params are kept, None dropped."""
+    device = require_op(backend, "adam")
+    grads = make_grads(steps=4)
+    ref = make_params(device=device)
+    ref_opt = torch.optim.Adam(ref, lr=1e-2, weight_decay=0.1)
+    train(ref_opt, ref, grads[:2])
+    sd = _saved(ref_opt.state_dict())
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].double()
+    sd["state"][1]["exp_avg_sq"] = sd["state"][1]["exp_avg_sq"].bfloat16()
+    sd["state"][2]["exp_avg_sq"] = torch.zeros_like(sd["state"][2]["exp_avg_sq"], dtype=torch.uint8)
+    del sd["state"][3]["exp_avg_sq"]
+    sd["state"][3]["note"] = "kept"
+    sd["state"][3]["max_exp_avg_sq"] = None
+    sd["state"][99] = {"foreign": 1}
+    ref_opt.load_state_dict(sd | {"state": {k: dict(v, exp_avg_sq=torch.zeros_like(ref[3]))
+                                            if k == 3 else v for k, v in sd["state"].items()}})
+    ours = clone_params(ref)
+    opt = fo.optim.FusedAdam(ours, lr=1e-2, weight_decay=0.1, backend=backend)
+    opt.load_state_dict(sd)
+    st = opt.state
+    assert all(st[p][k].dtype == torch.float32 for p in ours for k in ("exp_avg", "exp_avg_sq")
+               if k in st[p])
+    assert "exp_avg_sq" not in st[ours[3]] and st[ours[3]]["note"] == "kept"
+    assert "max_exp_avg_sq" not in st[ours[3]]
+    train(opt, ours, grads[2:])
+    train(ref_opt, ref, grads[2:])
+    assert_params_close(ours, ref)
+    assert opt.state_dict()["state"][99] == {"foreign": 1}
+
+
+def test_refused_checkpoint_changes_nothing():
+    ps = make_params()
+    opt = fo.optim.FusedSGD(ps, lr=0.1, momentum=0.9, backend="torch")
+    train(opt, ps, make_grads(steps=2))
+    good = opt.state_dict()
+    before = copy.deepcopy((good, [p.detach().clone() for p in ps]))
+    for edit, exc, match in [
+            (lambda sd: sd["state"].__setitem__(1, [1.0]), TypeError, "state of param 1 must be a dict"),
+            (lambda sd: sd["param_groups"][0].__setitem__("lr", -1.0), ValueError,
+             r"loaded parameter group 0: invalid lr: -1\.0"),
+            (lambda sd: sd["param_groups"][0].__setitem__("momentum", "x"), TypeError,
+             "loaded parameter group 0: momentum must be a number"),
+            (lambda sd: sd["state"][2].__setitem__("momentum_buffer", torch.zeros(3, 3)), ValueError,
+             r"param 2, key 'momentum_buffer', has shape \(3, 3\), expected \(1,\)"),
+            (lambda sd: sd.pop("state"), ValueError, "'state' and 'param_groups'")]:
+        bad = copy.deepcopy(good)
+        edit(bad)
+        with pytest.raises(exc, match=match):
+            opt.load_state_dict(bad)
+        sd = opt.state_dict()
+        assert sd["param_groups"] == before[0]["param_groups"]
+        for k, entry in before[0]["state"].items():
+            assert torch.equal(sd["state"][k]["momentum_buffer"], entry["momentum_buffer"])
+        assert all(torch.equal(p, q) for p, q in zip(ps, before[1]))
