@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+import lowp_reference
 from fusedopt import backends
 from fusedopt.backends import cpu
 
@@ -113,6 +114,29 @@ class SgdBucket:
         return self.params + (self.buffers or []) + (self.masters or []) + self.flags
 
 
+LOW_PRECISION = ("adamw", "adam_amsgrad", "sgd")
+
+
+def low_precision_case(which, params, *, master, module=None):
+    """One low-precision test case: (bucket, its step kwargs, the torch.optim class and
+    kwargs of the fp32 run, the written reference (tests/lowp_reference.py) and its
+    kwargs).  Weight decay is large enough to show within one ulp of the param dtype; eps
+    is representable in fp16."""
+    if which == "adamw":
+        hyper = dict(lr=1e-2, eps=1e-4, weight_decay=0.5)
+        return (AdamBucket(params, master=master, module=module),
+                dict(decoupled=True, eps=1e-4, weight_decay=0.5), torch.optim.AdamW, hyper,
+                lowp_reference.adam, dict(hyper, decoupled=True))
+    if which == "adam_amsgrad":
+        hyper = dict(lr=1e-2, eps=1e-4, weight_decay=0.5, amsgrad=True)
+        return (AdamBucket(params, master=master, amsgrad=True, module=module),
+                dict(eps=1e-4, weight_decay=0.5), torch.optim.Adam, hyper,
+                lowp_reference.adam, dict(hyper, decoupled=False))
+    hyper = dict(lr=0.05, momentum=0.9, weight_decay=0.1)
+    return (SgdBucket(params, momentum=0.9, master=master, module=module),
+            dict(lr=0.05, weight_decay=0.1), torch.optim.SGD, hyper, lowp_reference.sgd, hyper)
+
+
 def torch_run(cls, params, grads_per_step, *, before_step=None, **kwargs):
     """torch.optim ``cls`` (single-tensor path) on copies of ``params``, on their device."""
     ref = [p.clone().requires_grad_() for p in params]
@@ -155,7 +179,8 @@ def with_threads(n, fn):
         _cpu.set_num_threads(before)
 
 
-__all__ = ["ADAM_VARIANTS", "F32", "SGD_VARIANTS", "SHAPES", "AdamBucket", "SgdBucket",
+__all__ = ["ADAM_VARIANTS", "F32", "LOW_PRECISION", "SGD_VARIANTS", "SHAPES", "AdamBucket",
+           "SgdBucket", "low_precision_case",
            "assert_close_list", "assert_same_bits", "backends", "bits", "cpu", "grad_steps",
            "make_tensors", "optim", "scalar", "torch_adam_kwargs", "torch_run", "variant_id",
            "with_threads", "_cpu"]

@@ -1,7 +1,8 @@
 """The `cuda` backend's optimizer kernels (adam_step, sgd_step, multi_tensor_norm) called
 through their launchers on CUDA tensors, against torch.optim.Adam/AdamW/SGD run on the same
 GPU, clip_grad_norm_, GradScaler-style unscaling, float64 sums, and the `cpu` backend (the
-same element math: equal bits). bf16/fp16 by flash-attention's rule. Every test is marked
+same element math: equal bits). bf16/fp16 params: masters against the fp32 run, without
+masters against the written reference of tests/lowp_reference.py. Every test is marked
 `gpu`: without a CUDA device they are skipped with the reason (tests/conftest.py). The
 bindings' argument checks run without a device in test_cuda_bindings.py."""
 
@@ -13,10 +14,11 @@ import pytest
 import torch
 
 import cpu_optim_helpers as helpers
-from cpu_optim_helpers import (ADAM_VARIANTS, F32, SGD_VARIANTS, SHAPES, assert_close_list,
-                               assert_same_bits, bits, torch_adam_kwargs, torch_run,
-                               variant_id)
+from cpu_optim_helpers import (ADAM_VARIANTS, F32, LOW_PRECISION, SGD_VARIANTS, SHAPES,
+                               assert_close_list, assert_same_bits, bits, torch_adam_kwargs,
+                               torch_run, variant_id)
 from fusedopt import backends
+from lowp_reference import assert_decay_is_visible, assert_within_one_ulp
 
 pytestmark = pytest.mark.gpu
 
@@ -254,44 +256,40 @@ def test_first_sgd_step_after_a_skip_is_a_true_first_step(optim):
     assert_close_list(ours.params, ref, what="param")
 
 
+LOW_PRECISION_SHAPES = SHAPES[:5] + [(3001,), (65_536 + 3,)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("master", [False, True], ids=["no_master", "master"])
-@pytest.mark.parametrize("which", ["adamw", "adam_amsgrad", "sgd"])
-def test_low_precision_params_vs_fp32_reference(optim, dtype, master, which):
-    """Our error against an fp32 torch run is at most ~2x torch's own error in ``dtype`` (on
-    the GPU); with masters, the master equals the fp32 run and the param is its rounding."""
-    shapes = SHAPES[:5] + [(3001,), (65_536 + 3,)]
-    params = make_tensors(shapes, seed=0, dtype=dtype)
-    grads = grad_steps(shapes, 6, dtype=dtype)
-    # eps representable in fp16: torch's own fp16 run divides by zero with eps=1e-8 where
-    # (1-b2)*g^2 underflows
-    if which == "adamw":
-        cls, kw = torch.optim.AdamW, dict(lr=1e-2, eps=1e-4, weight_decay=0.1)
-        ours, step_kw = AdamBucket(optim, params, master=master), dict(
-            decoupled=True, eps=1e-4, weight_decay=0.1)
-    elif which == "adam_amsgrad":
-        cls, kw = torch.optim.Adam, dict(lr=1e-2, eps=1e-4, weight_decay=0.1, amsgrad=True)
-        ours = AdamBucket(optim, params, master=master, amsgrad=True)
-        step_kw = dict(eps=1e-4, weight_decay=0.1)
-    else:
-        cls, kw = torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.1)
-        ours, step_kw = SgdBucket(optim, params, momentum=0.9, master=master), dict(
-            lr=0.05, weight_decay=0.1)
+@pytest.mark.parametrize("which", LOW_PRECISION)
+def test_low_precision_params_with_masters_follow_the_fp32_run(optim, dtype, which):
+    """The masters equal torch's fp32 run on the GPU; each param is its master rounded."""
+    params = make_tensors(LOW_PRECISION_SHAPES, seed=0, dtype=dtype)
+    grads = grad_steps(LOW_PRECISION_SHAPES, 6, dtype=dtype)
+    ours, step_kw, cls, kw, _, _ = helpers.low_precision_case(which, params, master=True,
+                                                              module=optim)
     ref, _ = torch_run(cls, [p.float() for p in params], [[g.float() for g in gs] for gs in grads],
                        **kw)
-    low, _ = torch_run(cls, params, grads, **kw)
     for g in grads:
         ours.step(g, **step_kw)
-    for i, (p, q, r) in enumerate(zip(ours.params, low, ref)):
+    for i, (p, r) in enumerate(zip(ours.params, ref)):
         assert p.dtype == dtype
-        if p.numel() == 0:
-            continue
-        ours_err = (p.float() - r.detach()).abs().max().item()
-        torch_err = (q.detach().float() - r.detach()).abs().max().item()
-        assert ours_err <= 2 * torch_err + 1e-6, (i, ours_err, torch_err)
-        if master:
-            assert_close_list([ours.masters[i]], [r], what="master")
-            assert torch.equal(p, ours.masters[i].to(dtype))
+        assert_close_list([ours.masters[i]], [r], what="master")
+        assert torch.equal(p, ours.masters[i].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("which", LOW_PRECISION)
+def test_low_precision_params_without_masters_match_the_written_reference(optim, dtype, which):
+    """fp32 math, fp32 states, one rounding per step: within one ulp of the reference of
+    tests/lowp_reference.py (run on the GPU), which the run without weight decay is not."""
+    params = make_tensors(LOW_PRECISION_SHAPES, seed=0, dtype=dtype)
+    grads = grad_steps(LOW_PRECISION_SHAPES, 6, dtype=dtype)
+    ours, step_kw, _, _, reference, ref_kw = helpers.low_precision_case(which, params,
+                                                                        master=False, module=optim)
+    for g in grads:
+        ours.step(g, **step_kw)
+    assert_within_one_ulp(ours.params, reference(params, grads, **ref_kw))
+    assert_decay_is_visible(ours.params, reference(params, grads, **dict(ref_kw, weight_decay=0.0)))
 
 
 # ----------------------------------------------------------------------------- plans, layout

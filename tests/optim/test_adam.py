@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import fusedopt as fo
+import lowp_reference
 from conftest import require_op
+from lowp_reference import assert_decay_is_visible, assert_within_one_ulp
 from optim_helpers import (SHAPES, assert_params_close, clone_params, make_grads, make_params,
                            set_grads, train)
 
@@ -115,33 +117,46 @@ def test_add_param_group_later(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("master_weights", [False, True], ids=["no_master", "master"])
-def test_low_precision_params_vs_fp32_reference(backend, dtype, master_weights):
-    """Our error against an fp32 torch run is at most ~2x torch's own error in ``dtype``."""
+def test_low_precision_params_with_masters_follow_the_fp32_run(backend, dtype):
+    """The fp32 masters equal torch's fp32 AdamW run; each param is its master rounded."""
     device = require_op(backend, "adam")
-    base = make_params(device=device)
-    ours = clone_params(base, dtype)
-    low = clone_params(base, dtype)
+    ours = clone_params(make_params(device=device), dtype)
     ref = clone_params(ours, torch.float32)  # the same starting values, in fp32
     kwargs = dict(lr=1e-2, weight_decay=0.1)
-    opt = fo.optim.FusedAdamW(ours, master_weights=master_weights, backend=backend, **kwargs)
-    low_opt = torch.optim.AdamW(low, foreach=False, **kwargs)
+    opt = fo.optim.FusedAdamW(ours, master_weights=True, backend=backend, **kwargs)
     ref_opt = torch.optim.AdamW(ref, foreach=False, **kwargs)
     grads = [[g.to(dtype).float() for g in gs] for gs in make_grads(steps=8)]
-    for opt_, ps in ((opt, ours), (low_opt, low), (ref_opt, ref)):
-        train(opt_, ps, grads)
-    for p, q, r in zip(ours, low, ref):
-        assert p.dtype == dtype
-        ours_err = (p.float() - r).abs().max().item()
-        torch_err = (q.float() - r).abs().max().item()
-        assert ours_err <= 2 * torch_err + 1e-6, (ours_err, torch_err)
+    train(opt, ours, grads)
+    train(ref_opt, ref, grads)
+    for p, r in zip(ours, ref):
         st = opt.state[p]
+        assert p.dtype == dtype and all(v.dtype == torch.float32 for v in st.values())
+        torch.testing.assert_close(st["master_param"], r.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(p.detach(), st["master_param"].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["adamw", "adam"])
+def test_low_precision_params_without_masters_match_the_written_reference(backend, dtype,
+                                                                          decoupled):
+    """fp32 math on the param read as fp32, fp32 states, one rounding per step: within one
+    ulp of the reference written in tests/lowp_reference.py, which the same run without
+    weight decay is not."""
+    device = require_op(backend, "adam")
+    base = clone_params(make_params(device=device), dtype)
+    ours = clone_params(base)
+    kwargs = dict(lr=1e-2, weight_decay=0.5)
+    cls = fo.optim.FusedAdamW if decoupled else fo.optim.FusedAdam
+    opt = cls(ours, backend=backend, **kwargs)
+    grads = [[g.to(dtype) for g in gs] for gs in make_grads(steps=8)]
+    train(opt, ours, grads)
+    assert_within_one_ulp(ours, lowp_reference.adam(base, grads, decoupled=decoupled, **kwargs))
+    assert_decay_is_visible(ours, lowp_reference.adam(base, grads, decoupled=decoupled,
+                                                      lr=1e-2, weight_decay=0.0))
+    for p in ours:
+        st = opt.state[p]
+        assert p.dtype == dtype and "master_param" not in st
         assert all(v.dtype == torch.float32 for v in st.values())
-        if master_weights:
-            torch.testing.assert_close(st["master_param"], r.detach(), rtol=1e-5, atol=1e-6)
-            assert torch.equal(p.detach(), st["master_param"].to(dtype))
-        else:
-            assert "master_param" not in st
 
 
 def test_master_weights_change_nothing_for_fp32(backend):
@@ -240,3 +255,30 @@ def test_lr_scheduler(backend, scheduler):
 
 def test_shapes_cover_several_ranks():
     assert {len(s) for s in SHAPES} == {1, 2, 3}
+
+
+def test_grads_with_other_strides_than_their_param(backend):
+    """A gradient laid out differently from its param (transposed, strided, contiguous for a
+    channels_last param) is stepped through a copy in the param's layout, step after step;
+    the .grad tensors are not changed."""
+    device = require_op(backend, "adam")
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.randn(2, 3, 4, 5, generator=gen).to(device, memory_format=torch.channels_last),
+            torch.randn(6, 4, generator=gen).to(device)]
+    ours = [p.requires_grad_() for p in ours]
+    ref = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_() for p in ours]
+    opt = fo.optim.FusedAdamW(ours, lr=1e-2, max_grad_norm=1.0, backend=backend)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    for k in range(4):
+        g0 = torch.randn(2, 3, 4, 5, generator=gen).to(device)  # contiguous
+        g1 = torch.randn(4, 6, generator=gen).to(device).t() if k % 2 == 0 else \
+            torch.randn(6, 8, generator=gen).to(device)[:, ::2]  # transposed / strided
+        ours[0].grad, ours[1].grad = g0, g1
+        ref[0].grad, ref[1].grad = g0.clone(), g1.clone()
+        kept = [(g.clone(), g.stride()) for g in (g0, g1)]
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        ref_opt.step()
+        assert all(torch.equal(p.grad, g) and p.grad.stride() == s for p, (g, s) in zip(ours, kept))
+    assert_params_close(ours, ref)
+    assert opt.state[ours[0]]["exp_avg"].stride() == ours[0].stride()
