@@ -20,6 +20,7 @@ State lives in ``self._fo_state`` (param -> dict of tensors, torch's keys), show
 from __future__ import annotations
 
 from itertools import chain
+from numbers import Real
 
 import torch
 from torch.optim import Optimizer
@@ -46,14 +47,19 @@ def _to(value, device):
     return value if value.dtype == _F32 else value.to(_F32)
 
 
-def _hyper(value, device):
+def _hyper(value, device, name="lr"):
     """lr / a beta as a backend takes it: a Python float, or a 0-dim fp32 tensor on device.
 
     A CPU tensor for params on an accelerator is read on the host at each step -- a memory
     load, not a device synchronisation (what torch's fused optimizers do); a tensor on
     another accelerator is copied without blocking the host."""
     if not isinstance(value, torch.Tensor):
+        if not isinstance(value, Real) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
         return float(value)
+    if value.numel() != 1 or not value.is_floating_point() or type(value) not in boundary.PLAIN_TYPES:
+        raise TypeError(f"{name} as a tensor must be a plain one-element floating-point tensor, "
+                        f"got {type(value).__name__} of shape {tuple(value.shape)}, {value.dtype}")
     if value.device.type == "cpu" and device.type != "cpu":
         return float(value.reshape(()).item())
     return _to(value, device)
@@ -159,6 +165,7 @@ class FusedOptimizer(StateMixin, Optimizer):
                 self._fo_found_inf = torch.zeros((), dtype=_F32, device=loss_scale.device)
             return
 
+        hypers = [self._hyper_args(b) for b in buckets]  # a bad group value: refused before any launch
         home = loss_scale.device if loss_scale is not None else buckets[0].device
         inv_scale = None if scale is None else _to(scale.double().reciprocal().float(), home)
 
@@ -181,9 +188,9 @@ class FusedOptimizer(StateMixin, Optimizer):
         if loss_scale is not None:
             self._fo_found_inf = _to(skip, loss_scale.device)
 
-        for bucket in buckets:
+        for bucket, hyper in zip(buckets, hypers):
             dev = bucket.device
-            self._run_bucket(bucket, _to(inv_scale, dev), _to(clip_coef, dev), _to(skip, dev))
+            self._run_bucket(bucket, hyper, _to(inv_scale, dev), _to(clip_coef, dev), _to(skip, dev))
 
     def _fo_release(self):
         """Drop the boundary tokens of this step (they hold its gradient lists)."""
@@ -227,7 +234,8 @@ class FusedOptimizer(StateMixin, Optimizer):
 
     # per optimizer: the group settings that shape the state lists; the checked state lists
     # of a bucket (missing state prepared in `pending`); the lists in the boundary's form
-    # ((name, list) pairs, the same objects `_run_bucket` passes); run the backend
+    # ((name, list) pairs, the same objects `_run_bucket` passes); the hyper-parameters
+    # (converted before anything runs); run the backend
     def _layout(self, group):
         raise NotImplementedError
 
@@ -237,5 +245,8 @@ class FusedOptimizer(StateMixin, Optimizer):
     def _boundary_lists(self, bucket):
         raise NotImplementedError
 
-    def _run_bucket(self, bucket, inv_scale, clip_coef, skip):
+    def _hyper_args(self, bucket):  # the group's hyper-parameters as the backend takes them
+        raise NotImplementedError
+
+    def _run_bucket(self, bucket, hyper, inv_scale, clip_coef, skip):
         raise NotImplementedError

@@ -76,16 +76,19 @@ class FusedAdam(FusedOptimizer):
                  ("max_exp_avg_sqs", lists["max_exp_avg_sqs"]),
                  ("master_params", lists["master_params"])), (("steps", lists["steps"]),))
 
-    def _run_bucket(self, b, inv_scale, clip_coef, skip):
-        lists, group, device = b.lists, b.group, b.device
+    def _hyper_args(self, b):
+        group, device = b.group, b.device
         beta1, beta2 = group["betas"]
+        return dict(lr=_hyper(group["lr"], device, "lr"), beta1=_hyper(beta1, device, "betas[0]"),
+                    beta2=_hyper(beta2, device, "betas[1]"), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                    maximize=bool(group["maximize"]), decoupled=self._DECOUPLED)
+
+    def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
+        lists = b.lists
         b.backend.adam_step(
             b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"],
-            lists["max_exp_avg_sqs"], lists["master_params"], lists["steps"],
-            lr=_hyper(group["lr"], device), beta1=_hyper(beta1, device),
-            beta2=_hyper(beta2, device), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
-            maximize=bool(group["maximize"]), decoupled=self._DECOUPLED,
+            lists["max_exp_avg_sqs"], lists["master_params"], lists["steps"], **hyper,
             inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=b.cache)
 
 

@@ -77,11 +77,13 @@ class FusedSGD(FusedOptimizer):
         return ((("momentum_buffers", b.lists["momentum_buffers"]), ("master_params", None)),
                 (("initialized", b.lists["initialized"]),))
 
-    def _run_bucket(self, b, inv_scale, clip_coef, skip):
+    def _hyper_args(self, b):
         group = b.group
+        return dict(lr=_hyper(group["lr"], b.device, "lr"), momentum=float(group["momentum"]),
+                    dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+
+    def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
         b.backend.sgd_step(
-            b.params, b.grads, b.lists["momentum_buffers"], None, b.lists["initialized"],
-            lr=_hyper(group["lr"], b.device), momentum=float(group["momentum"]),
-            dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
-            nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+            b.params, b.grads, b.lists["momentum_buffers"], None, b.lists["initialized"], **hyper,
             inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=b.cache)

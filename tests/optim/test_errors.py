@@ -203,3 +203,23 @@ def test_cpu_tensor_lr_and_betas_with_cuda_params(backend):
         ref_opt.param_groups[0]["lr"] = float(lr)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_group_values_set_after_construction_are_refused_before_anything_runs(backend):
+    device = require_op(backend, "adam")
+    ps = make_params(device=device)
+    opt = fo.optim.FusedAdamW(ps, lr=1e-2, max_grad_norm=1.0, backend=backend)
+    set_grads(ps, make_grads(steps=1)[0])
+    opt.step()
+    for key, value, exc, match in [("lr", "fast", TypeError, "lr must be a number"),
+                                   ("lr", torch.tensor([0.1, 0.2]), TypeError, "one-element"),
+                                   ("betas", (0.9, torch.tensor([1, 2])), TypeError, r"betas\[1\]"),
+                                   ("eps", None, TypeError, "")]:
+        good = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        before = snapshot(opt, ps) + [opt.last_grad_norm.clone()]
+        with pytest.raises(exc, match=match):
+            opt.step()
+        assert_bit_identical(before, snapshot(opt, ps) + [opt.last_grad_norm])
+        opt.param_groups[0][key] = good
+    opt.step()
