@@ -196,12 +196,23 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
     return GroupPlan(params, grads, layout, opt._fo_epoch, buckets)
 
 
+def entry_of(opt, b: Bucket, i: int) -> dict:
+    """``optimizer.state[p]`` of the bucket's param i (empty when there is none)."""
+    entry = opt._fo_state.get(b.params[i])
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict):
+        raise TypeError(f"optimizer.state[{b.where(i)}] must be a dict, got "
+                        f"{type(entry).__name__}")
+    return entry
+
+
 def vector_state(opt, b: Bucket, key: str, pending: Pending, make) -> list:
     """The list of ``optimizer.state[p][key]`` over the bucket, checked; a missing one is
     ``make(p)``, written at commit."""
     out = []
     for i, p in enumerate(b.params):
-        entry = opt._fo_state.get(p) or {}
+        entry = entry_of(opt, b, i)
         value = _checks.state_tensor(entry.get(key), key, p, b.where(i))
         if value is None:
             value = make(p)
@@ -215,8 +226,7 @@ def step_state(opt, b: Bucket, pending: Pending) -> list:
     one-element tensor is converted and written back at commit)."""
     out = []
     for i, p in enumerate(b.params):
-        entry = opt._fo_state.get(p) or {}
-        value = entry.get("step")
+        value = entry_of(opt, b, i).get("step")
         if value is None:
             value, converted = torch.zeros((), dtype=_F32, device=p.device), True
         else:

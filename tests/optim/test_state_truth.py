@@ -195,3 +195,16 @@ def test_pickle_deepcopy_scheduler_and_zero_grad_keep_working(backend):
             assert torch.equal(a, b)
         assert all(torch.equal(o.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"])
                    for a, b in zip(ps, ours))
+
+
+def test_a_state_entry_that_is_not_a_dict_is_refused():
+    ps = make_params()
+    opt = fo.optim.FusedAdamW(ps, lr=1e-2, backend="torch")
+    train(opt, ps, make_grads(steps=1))
+    opt.state[ps[2]] = 5
+    set_grads(ps, make_grads(steps=1, seed=4)[0])
+    with pytest.raises(TypeError, match=r"optimizer.state\[param 2 of param group 0\] must be a dict"):
+        opt.step()
+    opt.state[ps[2]] = {}
+    opt.step()
+    assert float(opt.state[ps[2]]["step"]) == 1.0 and float(opt.state[ps[0]]["step"]) == 2.0
