@@ -44,7 +44,7 @@ _NORM_RECORD = "boundary_norm"
 
 _T = torch.Tensor
 _ptr, _size, _stride, _numel = _T.data_ptr, _T.size, _T.stride, _T.numel
-_dtype_of, _device_of = _T.dtype.__get__, _T.device.__get__
+_dtype_of, _device_of, _is_cpu = _T.dtype.__get__, _T.device.__get__, _T.is_cpu.__get__
 _is = operator.is_
 
 
@@ -128,7 +128,7 @@ class Verified:
     (``numels``, ``ptr_key`` -- one tuple of addresses per list, None for an absent one --
     and ``grad_ptrs``, refreshed at every call)."""
 
-    __slots__ = ("n", "params", "sizes", "strides", "grad_types", "dtypes", "devices",
+    __slots__ = ("n", "params", "sizes", "strides", "grad_types", "dtypes", "devices", "on_cpu",
                  "numels", "states", "state_numels", "ptr_key", "grad_ptrs", "storages",
                  "empty")
 
@@ -141,6 +141,7 @@ class Verified:
         self.grad_types = list(map(type, grads))
         self.dtypes = [params[0].dtype] * n if n else []
         self.devices = [params[0].device] * n if n else []
+        self.on_cpu = bool(n) and params[0].device.type == "cpu"
         self.numels = tuple(map(_numel, params))
         self.empty = {i for i, k in enumerate(self.numels) if k == 0}
         self.states = tuple(None if lst is None else tuple(lst) for lst in states)
@@ -166,7 +167,8 @@ class Verified:
             return False
         if (list(map(type, grads)) != self.grad_types
                 or list(map(_dtype_of, grads)) != self.dtypes
-                or list(map(_device_of, grads)) != self.devices
+                or not (all(map(_is_cpu, grads)) if self.on_cpu
+                        else list(map(_device_of, grads)) == self.devices)
                 or list(map(_size, grads)) != self.sizes
                 or list(map(_stride, grads)) != self.strides):
             return False
