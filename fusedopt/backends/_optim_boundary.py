@@ -22,8 +22,9 @@ Full verification, for one bucket (see docs/architecture.md, "The kernel boundar
 Fingerprint.  A verified bucket keeps a `Verified` record in the backend's ``cache`` dict;
 at every call the tensors are compared with it and fully verified again only when it
 differs.  Compared per call, with ``map`` over the tensors' C methods (docs/optimizers.md
-has the measured cost): params and grads -- data pointer, sizes, strides (grads also type,
-dtype, device); states -- identity, data pointer, element count.  The record keeps the
+has the measured cost): params -- identity, data pointer, strides (a param reshaped in
+place shows in its gradient); grads -- type, dtype, device, sizes, strides, data pointer;
+states -- identity, data pointer, element count.  The record keeps the
 verified state storages alive, so a state tensor whose pointer did not change still points
 into memory of the verified size.  A bucket the optimizer layer verified is "vouched" for:
 the launcher's call then finds a token for exactly these list objects and skips the work.

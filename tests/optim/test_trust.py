@@ -1,8 +1,8 @@
 """Inputs that used to crash the process or silently step with wrong tensors (odd
 checkpoints, edited state, swapped gradients and params, tensor subclasses, bad lists handed
 to a backend) are refused before any kernel runs, with nothing changed.  The cases
-(trust_cases.py) run in a subprocess per backend, so a crash fails the test instead of
-killing pytest."""
+(trust_state_cases.py, trust_input_cases.py) run in a subprocess per backend
+(trust_cases.py), so a crash fails the test instead of killing pytest."""
 
 import os
 import subprocess

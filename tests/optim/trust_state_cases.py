@@ -1,0 +1,131 @@
+"""Trust cases: odd checkpoints and edited optimizer state (run by trust_cases.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from trust_common import (BF16, BIG, F32, Sub, case, load_refused, step_refused, stepped_adam,
+                          stepped_sgd)
+
+# ------------------------------------------------------------------ checkpoints
+
+
+@case
+def load_small_exp_avg(b):
+    load_refused(b, stepped_adam, lambda sd: sd["state"][0].update(exp_avg=torch.zeros(3)), ValueError,
+                  rf"param 0, key 'exp_avg', has shape \(3,\), expected \({BIG},\)")
+
+
+@case
+def load_wrong_size_momentum_buffer(b):
+    load_refused(b, stepped_sgd, lambda sd: sd["state"][1].update(momentum_buffer=torch.zeros(7, 5)),
+                  ValueError, r"param 1, key 'momentum_buffer', has shape \(7, 5\)")
+
+
+@case
+def load_wrong_size_master(b):
+    load_refused(b, lambda b: stepped_adam(b, BF16, master_weights=True),
+                  lambda sd: sd["state"][2].update(master_param=torch.zeros(12)), ValueError,
+                  r"param 2, key 'master_param', has shape \(12,\)")
+
+
+@case
+def load_subclass_or_meta_or_complex_state(b):
+    for value, exc, pattern in [(Sub(torch.zeros(5, 7)), TypeError, "is a Sub"),
+                                (torch.zeros(5, 7, device="meta"), ValueError, "meta tensor"),
+                                (torch.zeros(5, 7, dtype=torch.complex64), TypeError, "complex64"),
+                                (torch.zeros(3, 3).to_sparse(), TypeError, "layout"),
+                                ([0.0] * 35, TypeError, "must be a tensor, got list")]:
+        load_refused(b, stepped_adam, lambda sd: sd["state"][1].update(exp_avg_sq=value), exc,
+                      r"param 1, key 'exp_avg_sq'.*" + pattern)
+
+
+@case
+def load_bad_step(b):
+    for value, exc in [(torch.zeros(3), ValueError), ("3", TypeError),
+                       (torch.zeros((), dtype=torch.complex64), TypeError)]:
+        load_refused(b, stepped_adam, lambda sd: sd["state"][2].update(step=value), exc,
+                      r"param 2, key 'step'")
+
+
+@case
+def load_uint8_exp_avg_sq_is_cast_like_torch(b):
+    ps, opt = stepped_adam(b)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg_sq"] = torch.randint(0, 4, (BIG,), dtype=torch.uint8)
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    ref_opt.load_state_dict(copy.deepcopy(sd))
+    opt.load_state_dict(sd)
+    assert opt.state[ps[0]]["exp_avg_sq"].dtype == F32
+    for r, p in zip(ref, ps):
+        r.grad = p.grad.clone()
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    opt.step()
+    ref_opt.step()
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ edited state
+
+
+def _set(key, value_fn, index=0):
+    def edit(opt, ps):
+        opt.state[ps[index]][key] = value_fn(ps[index])
+    return edit
+
+
+@case
+def state_small_exp_avg(b):
+    step_refused(b, stepped_adam, _set("exp_avg", lambda p: torch.zeros(3, device=p.device)),
+                  ValueError, r"state\[param 0 of param group 0\]\['exp_avg'\] has shape \(3,\)",
+                  fix=_set("exp_avg", lambda p: torch.zeros_like(p)))
+
+
+@case
+def state_uint8_exp_avg_sq(b):
+    step_refused(b, stepped_adam, _set("exp_avg_sq", lambda p: torch.zeros_like(p, dtype=torch.uint8)),
+                  TypeError, r"\['exp_avg_sq'\] has dtype torch.uint8, expected torch.float32")
+
+
+@case
+def state_wrong_size_momentum_buffer(b):
+    step_refused(b, stepped_sgd, _set("momentum_buffer", lambda p: torch.zeros(2, device=p.device), 1),
+                  ValueError, r"\['momentum_buffer'\] has shape \(2,\)")
+
+
+@case
+def state_wrong_size_master(b):
+    def make(b):
+        return stepped_adam(b, BF16, master_weights=True)
+    step_refused(b, make, _set("master_param", lambda p: torch.zeros(4, device=p.device)),
+                  ValueError, r"\['master_param'\] has shape \(4,\)")
+
+
+@case
+def state_transposed_or_meta_or_subclass(b):
+    for value_fn, exc, pattern in [
+            (lambda p: torch.zeros(7, 5, device=p.device).t(), ValueError, "strides"),
+            (lambda p: torch.zeros(5, 7, device="meta"), ValueError, "on meta"),
+            (lambda p: Sub(torch.zeros_like(p)), TypeError, "is a Sub"),
+            (lambda p: 0.0, TypeError, "must be a tensor")]:
+        step_refused(b, stepped_adam, _set("exp_avg", value_fn, 1), exc, pattern)
+
+
+@case
+def state_resized_or_data_swapped_in_place(b):
+    def resize(opt, ps):
+        opt.state[ps[0]]["exp_avg"].resize_(3)
+
+    def swap(opt, ps):
+        opt.state[ps[0]]["exp_avg_sq"].data = torch.zeros(3, device=ps[0].device)
+
+    def step_swap(opt, ps):
+        opt.state[ps[1]]["step"].data = torch.zeros(4, device=ps[1].device)
+
+    step_refused(b, stepped_adam, resize, ValueError, r"\['exp_avg'\] has shape \(3,\)")
+    step_refused(b, stepped_adam, swap, ValueError, r"\['exp_avg_sq'\] has shape \(3,\)")
+    step_refused(b, stepped_adam, step_swap, ValueError, r"\['step'\] must hold one number")
