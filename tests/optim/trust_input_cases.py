@@ -22,17 +22,19 @@ def _grad_data(value_fn, index=0):
 
 
 @case
-def grad_swapped_dtype_or_shape(b):
+def grad_swapped_dtype_shape_or_device(b):
+    swaps = [(lambda p: torch.zeros(p.shape, dtype=BF16, device=p.device), TypeError,
+              "gradient of param 0 of param group 0 has dtype torch.bfloat16"),
+             (lambda p: torch.zeros(p.numel() // 2, device=p.device), ValueError,
+              rf"gradient of param 0 .* has shape \({BIG // 2},\)"),
+             (lambda p: torch.zeros(p.shape, dtype=torch.float64, device=p.device), TypeError,
+              "float64")]
+    if device_of(b).type == "cuda":  # torch's .data setter lets a CPU tensor in
+        swaps.append((lambda p: torch.zeros(p.shape), ValueError, "gradient of .* is on cpu"))
     for make in (stepped_adam, stepped_sgd):
-        for value_fn, exc, pattern in [
-                (lambda p: torch.zeros(p.shape, dtype=BF16, device=p.device), TypeError,
-                 "gradient of param 0 of param group 0 has dtype torch.bfloat16"),
-                (lambda p: torch.zeros(p.numel() // 2, device=p.device), ValueError,
-                 rf"gradient of param 0 .* has shape \({BIG // 2},\)"),
-                (lambda p: torch.zeros(p.shape, dtype=torch.float64, device=p.device), TypeError,
-                 "float64")]:
+        for value_fn, exc, pattern in swaps:
             step_refused(b, make, _grad_data(value_fn), exc, pattern,
-                          fix=lambda opt, ps: seeded_grads(ps))
+                         fix=lambda opt, ps: seeded_grads(ps))
 
 
 @case
