@@ -1,25 +1,29 @@
 // Fused softmax cross-entropy on CPU tensors: row loss and gradient in one call.
 //
 // Math (fusedopt/math_loss.h), per row of C logits l, x = s tanh(l/s) with soft-capping:
-//   lse = max + log S, S = sum_j exp(x_j - max), p_j = exp(x_j - max) / S
-//   class target y: loss = s_ce ((1-eps) w_y (lse - x_y) + (eps/C)(lse sum w - sum w x))
-//                          + s_z c lse^2
+//   M = max_j x_j, S = sum_j exp(x_j - M), lse = M + log S, p_j = exp(x_j - M) / S
+//   class target y: loss = s_ce ((1-eps) w_y ((M - x_y) + log S)
+//                                + (eps/C)(log S sum w + sum_j w_j (M - x_j))) + s_z c lse^2
 //                   dloss/dx_j = p_j a - (eps/C) s_ce w_j - [j == y] s_ce (1-eps) w_y
-//   soft target q:  r_j = w_j ((1-eps) q_j + eps/C), loss = s_ce (lse sum r - sum r x)
-//                          + s_z c lse^2,   dloss/dx_j = p_j a - s_ce r_j
+//   soft target q:  r_j = w_j ((1-eps) q_j + eps/C),
+//                   loss = s_ce (log S sum r + sum_j r_j (M - x_j)) + s_z c lse^2,
+//                   dloss/dx_j = p_j a - s_ce r_j
 //   a = s_ce (sum of the subtracted weights) + 2 s_z c lse
 //   dloss/dl_j = dloss/dx_j (1 - (x_j/s)^2)
+// The gap sums sum w (M - x) add terms >= 0 (no cancellation, also for logits of 1e30);
+// they need M, so they are added up in pass 2, with the gradient.
 // Ignored rows: loss 0, zero gradient. A class target outside [0, C): loss NaN, gradient
 // NaN, and nothing is read at the bad index.
 //
 // Each row is one task of an OpenMP loop (static schedule). Pass 1 streams the row once
-// (per-lane online max / sum-exp with one exp per element, plus sum w x for smoothing);
-// pass 2 streams it again and writes the gradient exp(x_j - max) (a / S) - t_j, formed in
-// fp32 and rounded once at the store; then the target entry is written again with its
-// whole fp32 term. A row of up to ~100k fp32 logits stays in the core's L2 cache between the
-// passes, so the memory traffic is: reads N*C*b (+ N*C*b of soft targets), writes
-// N*C*b (gradient) + 4N (row losses), b = bytes per logit; class weights (4C) are read
-// from cache. No temporary buffer is allocated.
+// (per-lane online max / sum-exp with one exp per element; soft targets: sum r); pass 2
+// streams it again and writes the gradient exp(x_j - max) (a / S) - t_j, formed in fp32
+// and rounded once at the store, adding up the gap sum with smoothing or soft targets
+// (without a gradient, pass 2 only adds that sum); then the target entry is written again
+// with its whole fp32 term. A row of up to ~100k fp32 logits stays in the core's L2 cache
+// between the passes, so the memory traffic is: reads N*C*b (+ N*C*b of soft targets),
+// writes N*C*b (gradient) + 4N (row losses), b = bytes per logit; class weights (4C) are
+// read from cache. No temporary buffer is allocated.
 #include <type_traits>
 
 #include "fusedopt/cpu_losses.h"
@@ -34,13 +38,25 @@ using loss_math::softcap_slope;
 
 constexpr float kNaN = __builtin_nanf("");
 
+// Adds the gap terms w_j (max - x_j) of kLanes classes from column j (the first n real).
+template <int kSmooth>
+FO_LANES_INLINE void class_gap_lanes(const float* x, const float* w, int64_t n, float row_max,
+                                     float* gap) {
+  for (int l = 0; l < kLanes; ++l) {
+    const float wl = kSmooth == 2 ? (l < n ? w[l] : 0.0f) : 1.0f;
+    const float term = loss_math::smoothing_gap(x[l], wl, row_max);
+    gap[l] += l < n ? term : 0.0f;
+  }
+}
+
 // dloss/dx of kLanes classes starting at column j (only the first n are meaningful):
 // p a - t with p a = exp(x - max) coef, t = cw w_j (kSmooth == 2) or cw (kSmooth == 1).
 // The target's own term b is added after the pass (step 4 of class_target_row).
+// With smoothing, the lanes' gap terms w_j (max - x_j) are added to `gap`.
 template <int kSmooth, bool kCap>
 FO_LANES_INLINE void class_grad_lanes(const float* x, const float* w, int64_t n,
                                       const ClassRowCoeffs& k, float row_max, float coef,
-                                      float cap, float* g) {
+                                      float cap, float* g, float* gap) {
   for (int l = 0; l < kLanes; ++l) {
     float t = kSmooth == 1 ? k.cw : 0.0f;
     if (kSmooth == 2) t = l < n ? k.cw * w[l] : 0.0f;
@@ -48,6 +64,7 @@ FO_LANES_INLINE void class_grad_lanes(const float* x, const float* w, int64_t n,
     if (kCap) v *= softcap_slope(x[l], cap);
     g[l] = v;
   }
+  if (kSmooth) class_gap_lanes<kSmooth>(x, w, n, row_max, gap);
 }
 
 // kSmooth: 0 no smoothing, 1 smoothing without class weights, 2 with class weights.
@@ -69,47 +86,52 @@ FO_LOSS_CLONES void class_target_row(const CrossEntropyParams& p, int64_t row, i
     if (kCap) x_y = loss_math::softcap_value(x_y, cap);
     if (weight) w_y = weight[y];
   }
-  // 2. pass 1: per-lane log-sum-exp and sum w x
+  // 2. pass 1: per-lane log-sum-exp
   LaneLse lse;
-  float swx[kLanes] = {};
   float x[kLanes];
   for (int64_t j = 0; j < full; j += kLanes) {
     load_lanes<kCap>(in + j, cap, x);
     lse.fold(x);
-    if (kSmooth == 1)
-      for (int l = 0; l < kLanes; ++l) swx[l] += x[l];
-    if (kSmooth == 2)
-      for (int l = 0; l < kLanes; ++l) swx[l] += weight[j + l] * x[l];
   }
   if (rest) {
     load_tail<kCap>(in + full, rest, cap, -loss_math::kInf, x);
     lse.fold(x);
-    for (int l = 0; l < rest; ++l) swx[l] += (kSmooth == 2 ? weight[full + l] : 1.0f) * x[l];
   }
   float row_max, sum;
   lse.finish(row_max, sum);
   const ClassRowCoeffs k = loss_math::class_row_coeffs(
-      x_y, w_y, row_max, loss_math::flog(sum), sum_w, kSmooth ? lane_sum(swx) : 0.0f,
-      p.label_smoothing, float(n_cols), p.z_loss, s_ce, s_z);
-  p.row_loss[row] = valid ? k.loss : kNaN;
-  if (!out) return;
+      x_y, w_y, row_max, loss_math::flog(sum), sum_w, p.label_smoothing, float(n_cols),
+      p.z_loss, s_ce, s_z);
   if (!valid) {
-    fill_row(out, n_cols, kNaN);
+    p.row_loss[row] = kNaN;
+    if (out) fill_row(out, n_cols, kNaN);
     return;
   }
-  // 3. pass 2: the gradient, fp32 until the store
+  // 3. pass 2: the gradient, fp32 until the store, and the gap sum of smoothing
+  float gap[kLanes] = {};
+  if (!out) {
+    if (kSmooth)
+      for (int64_t j = 0; j < n_cols; j += kLanes) {
+        const int64_t n = j < full ? kLanes : rest;
+        load_tail<kCap>(in + j, n, cap, 0.0f, x);
+        class_gap_lanes<kSmooth>(x, at(weight, j), n, row_max, gap);
+      }
+    p.row_loss[row] = loss_math::row_loss_with_gap(k.loss, k.cw, lane_sum(gap));
+    return;
+  }
   const float coef = k.a / sum;
   float g[kLanes];
   for (int64_t j = 0; j < full; j += kLanes) {
     load_lanes<kCap>(in + j, cap, x);
-    class_grad_lanes<kSmooth, kCap>(x, at(weight, j), kLanes, k, row_max, coef, cap, g);
+    class_grad_lanes<kSmooth, kCap>(x, at(weight, j), kLanes, k, row_max, coef, cap, g, gap);
     store_lanes(out + j, g);
   }
   if (rest) {
     load_tail<kCap>(in + full, rest, cap, 0.0f, x);
-    class_grad_lanes<kSmooth, kCap>(x, at(weight, full), rest, k, row_max, coef, cap, g);
+    class_grad_lanes<kSmooth, kCap>(x, at(weight, full), rest, k, row_max, coef, cap, g, gap);
     store_tail(out + full, rest, g);
   }
+  p.row_loss[row] = kSmooth ? loss_math::row_loss_with_gap(k.loss, k.cw, lane_sum(gap)) : k.loss;
   // 4. the target class again, its whole term in fp32 (x_y was read before pass 2, so an
   // in-place gradient cannot have overwritten it)
   const float t_y = (kSmooth == 1 ? k.cw : kSmooth == 2 ? k.cw * w_y : 0.0f) + k.b;
@@ -129,6 +151,30 @@ FO_LANES_INLINE void soft_weights(const T* q, const float* w, int64_t n, float e
   }
 }
 
+// kLanes logits and target weights r from column j (the first n real, x = 0 and r = 0
+// in the other lanes).
+template <bool kCap, bool kWeighted, typename T>
+FO_LANES_INLINE void soft_lanes(const T* in, const T* q, const float* weight, int64_t j,
+                                int64_t n, float cap, float eps, float inv_cols, float* x,
+                                float* r) {
+  if (n == kLanes) {
+    load_lanes<kCap>(in + j, cap, x);
+    soft_weights<kWeighted>(q + j, at(weight, j), kLanes, eps, inv_cols, r);
+  } else {
+    load_tail<kCap>(in + j, n, cap, 0.0f, x);
+    soft_weights<kWeighted>(q + j, at(weight, j), n, eps, inv_cols, r);
+  }
+}
+
+// Adds the gap terms r_j (max - x_j) of the first n of kLanes classes to `gap`.
+FO_LANES_INLINE void soft_gap_lanes(const float* x, const float* r, int64_t n, float row_max,
+                                    float* gap) {
+  for (int l = 0; l < kLanes; ++l) {
+    const float term = loss_math::smoothing_gap(x[l], r[l], row_max);
+    gap[l] += l < n ? term : 0.0f;
+  }
+}
+
 template <typename T, bool kCap, bool kWeighted>
 FO_LOSS_CLONES void soft_target_row(const CrossEntropyParams& p, int64_t row, float s_ce,
                                     float s_z) {
@@ -141,45 +187,33 @@ FO_LOSS_CLONES void soft_target_row(const CrossEntropyParams& p, int64_t row, fl
   const int64_t full = n_cols - n_cols % kLanes;
   const int64_t rest = n_cols - full;
   float x[kLanes], r[kLanes];
-  // 1. pass 1: log-sum-exp, sum r x, sum r
+  // 1. pass 1: log-sum-exp and sum r
   LaneLse lse;
-  float srx[kLanes] = {}, sr[kLanes] = {};
+  float sr[kLanes] = {};
   for (int64_t j = 0; j < full; j += kLanes) {
     load_lanes<kCap>(in + j, cap, x);
     soft_weights<kWeighted>(q + j, at(weight, j), kLanes, eps, inv_cols, r);
     lse.fold(x);
-    for (int l = 0; l < kLanes; ++l) {
-      srx[l] += r[l] * x[l];
-      sr[l] += r[l];
-    }
+    for (int l = 0; l < kLanes; ++l) sr[l] += r[l];
   }
   if (rest) {
     load_tail<kCap>(in + full, rest, cap, -loss_math::kInf, x);
     soft_weights<kWeighted>(q + full, at(weight, full), rest, eps, inv_cols, r);
     lse.fold(x);
-    for (int l = 0; l < rest; ++l) {
-      srx[l] += r[l] * x[l];
-      sr[l] += r[l];
-    }
+    for (int l = 0; l < kLanes; ++l) sr[l] += r[l];
   }
   float row_max, sum, loss, a;
   lse.finish(row_max, sum);
-  loss_math::soft_row_coeffs(row_max, loss_math::flog(sum), lane_sum(sr), lane_sum(srx),
-                             p.z_loss, s_ce, s_z, loss, a);
-  p.row_loss[row] = loss;
-  if (!out) return;
+  loss_math::soft_row_coeffs(row_max, loss_math::flog(sum), lane_sum(sr), p.z_loss, s_ce, s_z,
+                             loss, a);
+  // 2. pass 2: the gradient and the gap sum sum r (max - x)
   const float coef = a / sum;
-  // 2. pass 2: the gradient
-  float g[kLanes];
-  for (int64_t j = 0; j < full + (rest ? kLanes : 0); j += kLanes) {
+  float g[kLanes], gap[kLanes] = {};
+  for (int64_t j = 0; j < n_cols; j += kLanes) {
     const int64_t n = j < full ? kLanes : rest;
-    if (n == kLanes) {
-      load_lanes<kCap>(in + j, cap, x);
-      soft_weights<kWeighted>(q + j, at(weight, j), kLanes, eps, inv_cols, r);
-    } else {
-      load_tail<kCap>(in + j, n, cap, 0.0f, x);
-      soft_weights<kWeighted>(q + j, at(weight, j), n, eps, inv_cols, r);
-    }
+    soft_lanes<kCap, kWeighted>(in, q, weight, j, n, cap, eps, inv_cols, x, r);
+    soft_gap_lanes(x, r, n, row_max, gap);
+    if (!out) continue;
     for (int l = 0; l < kLanes; ++l) {
       g[l] = shifted_exp(x[l], row_max) * coef - s_ce * r[l];
       if (kCap) g[l] *= softcap_slope(x[l], cap);
@@ -189,6 +223,7 @@ FO_LOSS_CLONES void soft_target_row(const CrossEntropyParams& p, int64_t row, fl
     else
       store_tail(out + j, n, g);
   }
+  p.row_loss[row] = loss_math::row_loss_with_gap(loss, s_ce, lane_sum(gap));
 }
 
 // sum_j w_j (C without weights) in a fixed order.

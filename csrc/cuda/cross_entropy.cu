@@ -2,25 +2,29 @@
 //
 // Math (fusedopt/math_loss.h, the one copy shared with the cpu backend), per row of C
 // logits l, x = s tanh(l/s) with soft-capping:
-//   lse = max + log S, S = sum_j exp(x_j - max), p_j = exp(x_j - max) / S
-//   class target y: loss = s_ce ((1-eps) w_y (lse - x_y) + (eps/C)(lse sum w - sum w x))
-//                          + s_z c lse^2
+//   M = max_j x_j, S = sum_j exp(x_j - M), lse = M + log S, p_j = exp(x_j - M) / S
+//   class target y: loss = s_ce ((1-eps) w_y ((M - x_y) + log S)
+//                                + (eps/C)(log S sum w + sum_j w_j (M - x_j))) + s_z c lse^2
 //                   dloss/dx_j = p_j a - (eps/C) s_ce w_j - [j == y] s_ce (1-eps) w_y
-//   soft target q:  r_j = w_j ((1-eps) q_j + eps/C), loss = s_ce (lse sum r - sum r x)
-//                          + s_z c lse^2,   dloss/dx_j = p_j a - s_ce r_j
+//   soft target q:  r_j = w_j ((1-eps) q_j + eps/C),
+//                   loss = s_ce (log S sum r + sum_j r_j (M - x_j)) + s_z c lse^2,
+//                   dloss/dx_j = p_j a - s_ce r_j
 //   a = s_ce (sum of the subtracted weights) + 2 s_z c lse,
 //   dloss/dl_j = dloss/dx_j (1 - (x_j/s)^2)
+// The gap sums sum w (M - x) add terms >= 0: no cancellation, also for logits of 1e30.
 // Ignored rows: loss 0, zero gradient. A class target outside [0, C): loss NaN, gradient
 // NaN, and nothing is read at the bad index. s_ce, s_z are read from `scales` (device).
 //
 // One block of 256 threads per row (loss_block.cuh; a grid-stride loop past 2^20 rows).
 // 1. x_y and w_y are read first (an in-place gradient cannot have overwritten them).
 // 2. Pass 1 reads the row once, with 16-byte vector loads when it is aligned: per thread an
-//    online max / sum-exp (one exp per element) and, with smoothing, sum w x; then a
+//    online max / sum-exp (one exp per element) and, for soft targets, sum r; then a
 //    fixed-order block merge. Rows of at most kRowCacheBytes (32,768 bf16/fp16 or 16,384
 //    fp32 logits) are copied, in their own dtype, into shared memory on the way.
 // 3. Pass 2 writes the gradient exp(x_j - max) (a / S) - t_j, fp32 until the store, reading
-//    the row from shared memory (or again from memory, mostly L2, for longer rows).
+//    the row from shared memory (or again from memory, mostly L2, for longer rows), and
+//    adds up the gap sum (smoothing, soft targets), which needs M; without a gradient it
+//    only adds up that sum. The row loss is written after it.
 // 4. One thread writes the target entry again with its whole fp32 term.
 // Traffic: reads N*C*b (2 N*C*b for rows over the cache limit; + 2 N*C*b of soft targets),
 // writes N*C*b + 4N, b = bytes per logit.
@@ -76,28 +80,42 @@ __global__ void __launch_bounds__(kLossThreads) class_target_kernel(const CeArgs
     const bool valid = y >= 0 && y < n_cols;
     const float x_y = valid ? capped<kCapped>(to_float(in[y]), cap) : 0.0f;
     const float w_y = valid && p.weight ? p.weight[y] : 1.0f;
-    // 2. pass 1: log-sum-exp and sum w x
-    float m = -kInf, d = 0.0f, swx = 0.0f;
-    for_row(in, n_cols, cache, [&](int64_t j, float x) {
-      x = capped<kCapped>(x, cap);
-      loss_math::lse_fold(m, d, x);
-      if constexpr (kSmoothing) swx += (p.weight ? p.weight[j] : 1.0f) * x;
+    // 2. pass 1: log-sum-exp
+    float m = -kInf, d = 0.0f;
+    for_row(in, n_cols, cache, [&](int64_t, float x) {
+      loss_math::lse_fold(m, d, capped<kCapped>(x, cap));
     });
     block_lse(m, d, scratch);
-    if constexpr (kSmoothing) swx = block_sum(swx, scratch);
     const loss_math::ClassRowCoeffs k = loss_math::class_row_coeffs(
-        x_y, w_y, m, loss_math::flog(d), sum_w, swx, eps, float(n_cols), p.z_loss, s_ce, s_z);
-    if (threadIdx.x == 0) p.row_loss[row] = valid ? k.loss : nan_value();
-    if (out && !valid) fill_row(out, n_cols, nan_value());
-    if (out && valid) {
-      // 3. pass 2: the gradient, fp32 until the store
-      const float coef = k.a / d;
+        x_y, w_y, m, loss_math::flog(d), sum_w, eps, float(n_cols), p.z_loss, s_ce, s_z);
+    if (!valid) {
+      if (threadIdx.x == 0) p.row_loss[row] = nan_value();
+      if (out) fill_row(out, n_cols, nan_value());
+      __syncthreads();  // the row cache is reused by the next row
+      continue;
+    }
+    // 3. pass 2: the gradient, fp32 until the store, and the gap sum of smoothing
+    float gap = 0.0f;
+    const auto gap_of = [&](int64_t j, float x) {
+      if constexpr (kSmoothing)
+        gap += loss_math::smoothing_gap(x, p.weight ? p.weight[j] : 1.0f, m);
+    };
+    const float coef = k.a / d;
+    if (out) {
       map_row(cache ? cache : in, out, n_cols, [&](int64_t j, float x) {
         x = capped<kCapped>(x, cap);
+        gap_of(j, x);
         float g = shifted_exp(x, m) * coef;
         if constexpr (kSmoothing) g -= k.cw * (p.weight ? p.weight[j] : 1.0f);
         return through_cap<kCapped>(g, x, cap);
       });
+    } else if (kSmoothing) {
+      for_row(cache ? cache : in, n_cols, static_cast<T*>(nullptr),
+              [&](int64_t j, float x) { gap_of(j, capped<kCapped>(x, cap)); });
+    }
+    if constexpr (kSmoothing) gap = block_sum(gap, scratch);
+    if (threadIdx.x == 0) p.row_loss[row] = loss_math::row_loss_with_gap(k.loss, k.cw, gap);
+    if (out) {
       __syncthreads();
       // 4. the target entry again, its whole term in fp32
       if (threadIdx.x == 0) {
@@ -125,29 +143,34 @@ __global__ void __launch_bounds__(kLossThreads) soft_target_kernel(const CeArgs 
       return loss_math::soft_target_weight(to_float(q[j]), p.weight ? p.weight[j] : 1.0f, eps,
                                            inv_cols);
     };
-    // 1. pass 1: log-sum-exp, sum r x, sum r
-    float m = -kInf, d = 0.0f, srx = 0.0f, sr = 0.0f;
+    // 1. pass 1: log-sum-exp and sum r
+    float m = -kInf, d = 0.0f, sr = 0.0f;
     for_row(in, n_cols, cache, [&](int64_t j, float x) {
-      x = capped<kCapped>(x, cap);
-      loss_math::lse_fold(m, d, x);
-      const float r = weight_of(j);
-      srx += r * x;
-      sr += r;
+      loss_math::lse_fold(m, d, capped<kCapped>(x, cap));
+      sr += weight_of(j);
     });
     block_lse(m, d, scratch);
-    srx = block_sum(srx, scratch);
     sr = block_sum(sr, scratch);
     float loss, a;
-    loss_math::soft_row_coeffs(m, loss_math::flog(d), sr, srx, p.z_loss, s_ce, s_z, loss, a);
-    if (threadIdx.x == 0) p.row_loss[row] = loss;
+    loss_math::soft_row_coeffs(m, loss_math::flog(d), sr, p.z_loss, s_ce, s_z, loss, a);
+    // 2. pass 2: the gradient (an in-place gradient overwrites x_j after reading it) and
+    // the gap sum sum r (M - x)
+    float gap = 0.0f;
     if (out) {
-      // 2. pass 2: the gradient (an in-place gradient overwrites x_j after reading it)
       const float coef = a / d;
       map_row(cache ? cache : in, out, n_cols, [&](int64_t j, float x) {
         x = capped<kCapped>(x, cap);
-        return through_cap<kCapped>(shifted_exp(x, m) * coef - s_ce * weight_of(j), x, cap);
+        const float r = weight_of(j);
+        gap += loss_math::smoothing_gap(x, r, m);
+        return through_cap<kCapped>(shifted_exp(x, m) * coef - s_ce * r, x, cap);
+      });
+    } else {
+      for_row(cache ? cache : in, n_cols, static_cast<T*>(nullptr), [&](int64_t j, float x) {
+        gap += loss_math::smoothing_gap(capped<kCapped>(x, cap), weight_of(j), m);
       });
     }
+    gap = block_sum(gap, scratch);
+    if (threadIdx.x == 0) p.row_loss[row] = loss_math::row_loss_with_gap(loss, s_ce, gap);
     __syncthreads();  // the row cache and scratch are reused by the next row
   }
 }

@@ -13,9 +13,13 @@ p = softmax(x), w = class weights or 1, ε = label smoothing, c = z-loss coeffic
                         (computed as -(1-ε)·w_y·log p_y - (ε/C)·Σ_j w_j·log p_j)
                      dx_j = p_j·A - t_j,  A = s_ce·((1-ε)·w_y + (ε/C)·Σ w) + 2·s_z·c·lse,
                                           t_j = s_ce·((1-ε)·w_y·[j=y] + (ε/C)·w_j)
-    soft target q:   r_j = w_j·((1-ε)·q_j + ε/C),  ce = lse·Σ r - Σ r_j·x_j
+    soft target q:   r_j = w_j·((1-ε)·q_j + ε/C),  ce = Σ_j r_j·(lse - x_j)
+                        (computed as -Σ_j r_j·log p_j)
                      dx_j = p_j·(s_ce·Σ r + 2·s_z·c·lse) - s_ce·r_j
     row_loss = s_ce·ce + s_z·c·lse²;   dl_j = dx_j·(1 - tanh²(l_j/softcap)) with soft-capping
+
+log p is formed relative to the row max (below), so no weighted sum subtracts large terms:
+the form lse·Σ r - Σ r_j·x_j would cancel for large logits.
 
 focal_loss_fwd, with u_c = 1 - p_c = -expm1(log p_c), q = (1-ε)·onehot(y) + ε/C:
 

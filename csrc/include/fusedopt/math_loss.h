@@ -15,9 +15,15 @@
 // Cross-entropy, per row (x = softcapped logits, w = class weights or 1, eps = smoothing):
 //   online log-sum-exp: per lane a running max m and d = sum exp(x - m), one exp per
 //   element (lse_fold); lanes merge at the end of the row (lse_merge).
-//   class target y: ce = (1-eps) w_y (lse - x_y) + (eps/C) (lse sum w - sum w x)
-//   soft target q:  ce = lse sum r - sum r x,  r_j = w_j ((1-eps) q_j + eps/C)
+//   class target y: ce = (1-eps) w_y (lse - x_y) + (eps/C) sum_j w_j (lse - x_j)
+//   soft target q:  ce = sum_j r_j (lse - x_j),  r_j = w_j ((1-eps) q_j + eps/C)
 //   loss = s_ce ce + s_z c lse^2,  dloss/dx_j = p_j A - t_j  (ClassRowCoeffs)
+//   Every such sum is taken relative to the row max M, never as lse sum w - sum w x
+//   (which cancels for large logits: a row of equal logits 1e30 would lose every digit):
+//   lse - x_j = log S + (M - x_j), so ce is built from log S times the summed weights
+//   plus the gap sum G = sum_j w_j (M - x_j), whose terms are all >= 0 for weights
+//   >= 0. G needs M, so the kernels add it up in the second pass over the row
+//   (smoothing_gap; row_loss_with_gap).
 // Softmax focal: v_j = alpha_j q_j u_j^gamma (1 - gamma p_j log p_j / u_j), u = 1 - p.
 // Sigmoid focal: torchvision's RetinaNet loss with smoothed targets (sigmoid_focal).
 #pragma once
@@ -227,22 +233,22 @@ FO_LOSS_HD float shifted_exp(float x, float row_max) { return fexp_nonpos(x - ro
 // x_j - lse would lose the digits of lse.
 FO_LOSS_HD float log_prob(float x, float row_max, float log_sum) { return (x - row_max) - log_sum; }
 
-// Scalars of a class-target cross-entropy row: loss, and dloss/dx_j = p_j a - t_j with
-// t_j = cw w_j + b [j == y] (cw = 0 without smoothing).
+// Scalars of a class-target cross-entropy row: dloss/dx_j = p_j a - t_j with
+// t_j = cw w_j + b [j == y] (cw = 0 without smoothing), and the row loss without its
+// smoothing gap term: the final loss is loss + cw G (row_loss_with_gap), G the gap sum.
 struct ClassRowCoeffs {
   float loss, a, b, cw;
 };
 
-// x_y: the (capped) target logit; sum_w = sum_j w_j (C without weights); sum_wx = sum w x
-// (unused when eps == 0, so that -inf logits give no 0 * inf); scales = [s_ce, s_z].
+// x_y: the (capped) target logit; sum_w = sum_j w_j (C without weights); scales = [s_ce, s_z].
 FO_LOSS_HD ClassRowCoeffs class_row_coeffs(float x_y, float w_y, float row_max, float log_sum,
-                                      float sum_w, float sum_wx, float eps, float n_cols,
-                                      float z_loss, float s_ce, float s_z) {
+                                      float sum_w, float eps, float n_cols, float z_loss,
+                                      float s_ce, float s_z) {
   const float lse = row_max + log_sum;
   float ce = (1.0f - eps) * w_y * ((row_max - x_y) + log_sum);
   float a = (1.0f - eps) * w_y;
   if (eps > 0.0f) {
-    ce += eps / n_cols * (lse * sum_w - sum_wx);
+    ce += eps / n_cols * (log_sum * sum_w);
     a += eps / n_cols * sum_w;
   }
   ClassRowCoeffs k;
@@ -257,16 +263,29 @@ FO_LOSS_HD ClassRowCoeffs class_row_coeffs(float x_y, float w_y, float row_max, 
   return k;
 }
 
+// One term w (M - x) of a gap sum: x the (capped) logit, w its weight. M - x is exact to
+// one rounding and >= 0, so the sum never cancels. A -inf logit gives an infinite term
+// (w > 0) or NaN (w = 0), as torch's w * log p does.
+FO_LOSS_HD float smoothing_gap(float x, float w, float row_max) { return w * (row_max - x); }
+
+// The row loss once the gap sum G is known: `loss` holds everything else (class targets:
+// ClassRowCoeffs::loss, coef = cw; soft targets: soft_row_coeffs, coef = s_ce).
+FO_LOSS_HD float row_loss_with_gap(float loss, float coef, float gap_sum) {
+  return loss + coef * gap_sum;
+}
+
 // Soft target weight r_j = w_j ((1-eps) q_j + eps/C).
 FO_LOSS_HD float soft_target_weight(float q, float w, float eps, float inv_cols) {
   return w * ((1.0f - eps) * q + eps * inv_cols);
 }
 
-// Soft-target row: loss and the coefficient a of dloss/dx_j = p_j a - s_ce r_j.
-FO_LOSS_HD void soft_row_coeffs(float row_max, float log_sum, float sum_r, float sum_rx,
-                           float z_loss, float s_ce, float s_z, float& loss, float& a) {
+// Soft-target row: the loss without its gap term (s_ce log S sum r + z-loss; the gap
+// term s_ce sum r_j (M - x_j) is added by row_loss_with_gap) and the coefficient a of
+// dloss/dx_j = p_j a - s_ce r_j.
+FO_LOSS_HD void soft_row_coeffs(float row_max, float log_sum, float sum_r, float z_loss,
+                           float s_ce, float s_z, float& loss, float& a) {
   const float lse = row_max + log_sum;
-  loss = s_ce * (lse * sum_r - sum_rx);
+  loss = s_ce * (log_sum * sum_r);
   a = s_ce * sum_r;
   if (z_loss > 0.0f) {
     loss += s_z * z_loss * lse * lse;

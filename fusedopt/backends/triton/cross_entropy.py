@@ -7,8 +7,8 @@ scales = [ce_scale, z_scale] read from device memory):
     x_j  = s * tanh(l_j / s)                     (x = l without soft-capping)
     lse  = log sum_j exp(x_j)                    online: running max m, sum exp(x - m)
     p_j  = exp((x_j - m) - log sum_j exp(x_j - m))
-    class target: ce = (1-eps)*w_y*(lse - x_y) + (eps/C)*(lse*sum_j w_j - sum_j w_j*x_j)
-    soft target:  ce = lse*sum_j r_j - sum_j r_j*x_j,     r_j = w_j*((1-eps)*q_j + eps/C)
+    class target: ce = (1-eps)*w_y*(lse - x_y) + (eps/C)*sum_j w_j*(lse - x_j)
+    soft target:  ce = sum_j r_j*(lse - x_j),             r_j = w_j*((1-eps)*q_j + eps/C)
     loss = ce_scale*ce + z_scale*c*lse^2
     dloss/dx_j = p_j*A - t_j with
       class: A = ce_scale*((1-eps)*w_y + (eps/C)*sum w) + 2*z_scale*c*lse,
@@ -16,16 +16,24 @@ scales = [ce_scale, z_scale] read from device memory):
       soft:  A = ce_scale*sum r + 2*z_scale*c*lse,     t_j = ce_scale*r_j
     dloss/dl_j = dloss/dx_j * (1 - (x_j/s)^2)
 
+The weighted sums are taken relative to the row max M, as torch's log-softmax does:
+lse - x_j = log_sum + (M - x_j), so ce = log_sum * (sum of the weights) + the gap sum
+sum_j w_j*(M - x_j), whose terms are all >= 0.  (lse*sum w - sum w*x cancels: a row of
+equal logits 1e30 would lose every digit.)
+
 One program per row.  Pass 1 streams the row in BLOCK-wide chunks; every lane keeps its
-own fp32 running max and exp-sum and the sums the loss needs (sum w*x, sum w; soft
-targets: sum r*x, sum r), so the loop has no cross-warp reduction and no barrier; the
-lanes are combined once at the end of the row.  x_y (and w_y) is one masked scalar load.
-The loss is then known, and pass 2 streams the row again, writing each gradient chunk once
-(computed in fp32, the target-class term included, rounded once at the store).  When the
-row fits in one block (C <= BLOCK) it stays in registers and pass 2 reads nothing again.
+own fp32 running max and exp-sum (and sum w with weighted smoothing, sum r for soft
+targets), so the loop has no cross-warp reduction and no barrier; the lanes are combined
+once at the end of the row.  x_y (and w_y) is one masked scalar load.  Pass 2 streams the
+row again, writing each gradient chunk once (computed in fp32, the target-class term
+included, rounded once at the store) and adding up the gap sum, which needs M; the loss
+is stored after it (without a gradient pass 2 only adds up the gap sum, and runs only
+when there is one).  When the row fits in one block (C <= BLOCK) it stays in registers
+and pass 2 reads nothing again.
 
 Memory traffic for N rows, C classes, b bytes per logit:
-    reads  2*N*C*b   (N*C*b when C <= BLOCK)      + soft targets: 2*N*C*b (N*C*b)
+    reads  2*N*C*b   (N*C*b when C <= BLOCK, or without need_grad for class targets
+                      without smoothing)          + soft targets: 2*N*C*b (N*C*b)
     writes N*C*b (gradient, none without need_grad) + 4*N (row losses)
 plus class weights (4*C per row, L2-resident) when a weighted term needs them.  No
 intermediate tensor is allocated.  Ignored rows write zeros and read nothing.
@@ -142,18 +150,28 @@ def _zero_row(out_row, n_cols, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _class_stats(x, cols, mask, weight_ptr, m, d, sum_wx, sum_w,
+def _gap(x, w, mask, row_max):
+    """w_j*(M - x_j) of one chunk, 0 in the masked tail: the terms of a gap sum."""
+    return w * tl.where(mask, row_max - x, 0.0)
+
+
+@triton.jit
+def _class_stats(x, cols, mask, weight_ptr, m, d, sum_w,
                  HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr):
     """Fold one chunk into the per-lane accumulators of pass 1."""
     m, d = _lse_update(x, m, d)
     if SMOOTHING:
         if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-            sum_wx += w * tl.where(mask, x, 0.0)
-            sum_w += w
-        else:
-            sum_wx += tl.where(mask, x, 0.0)
-    return m, d, sum_wx, sum_w
+            sum_w += tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    return m, d, sum_w
+
+
+@triton.jit
+def _class_gap(x, cols, mask, weight_ptr, row_max, HAS_WEIGHT: tl.constexpr):
+    """The gap terms w_j*(M - x_j) of smoothing of one chunk."""
+    if HAS_WEIGHT:
+        return _gap(x, tl.load(weight_ptr + cols, mask=mask, other=0.0), mask, row_max)
+    return _gap(x, 1.0, mask, row_max)
 
 
 @triton.jit
@@ -182,24 +200,23 @@ def _class_target_row(in_row, out_row, row, y, weight_ptr, scales_ptr, loss_ptr,
     w_y = 1.0
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + y_safe, mask=valid, other=0.0)
-    # 2. pass 1: log-sum-exp and the smoothing sums, accumulated per lane
+    # 2. pass 1: log-sum-exp (and sum w for weighted smoothing), accumulated per lane
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK], tl.float32)
-    sum_wx = tl.zeros([BLOCK], tl.float32)
     sum_w = tl.zeros([BLOCK], tl.float32)
     if SINGLE_BLOCK:
         mask_row = offs < n_cols
         x_row = _load_x(in_row, offs, mask_row, softcap, SOFTCAP)
-        m, d, sum_wx, sum_w = _class_stats(x_row, offs, mask_row, weight_ptr, m, d, sum_wx,
-                                           sum_w, HAS_WEIGHT, SMOOTHING)
+        m, d, sum_w = _class_stats(x_row, offs, mask_row, weight_ptr, m, d, sum_w, HAS_WEIGHT,
+                                   SMOOTHING)
     else:
         for start in range(0, loop_bound(n_cols), BLOCK):
             cols = start + offs
             mask = cols < n_cols
             x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
-            m, d, sum_wx, sum_w = _class_stats(x, cols, mask, weight_ptr, m, d, sum_wx, sum_w,
-                                               HAS_WEIGHT, SMOOTHING)
-    # 3. the row loss and the gradient coefficients
+            m, d, sum_w = _class_stats(x, cols, mask, weight_ptr, m, d, sum_w, HAS_WEIGHT,
+                                       SMOOTHING)
+    # 3. the gradient coefficients and the loss without its gap sum
     row_max, log_sum = _lse_finish(m, d)
     lse = row_max + log_sum
     ce_scale = tl.load(scales_ptr)
@@ -210,7 +227,7 @@ def _class_target_row(in_row, out_row, row, y, weight_ptr, scales_ptr, loss_ptr,
             total_w = tl.sum(sum_w, axis=0)
         else:
             total_w = n_cols * 1.0
-        ce += smoothing / n_cols * (lse * total_w - tl.sum(sum_wx, axis=0))
+        ce += smoothing / n_cols * (log_sum * total_w)
         a += smoothing / n_cols * total_w
     loss = ce_scale * ce
     a = ce_scale * a
@@ -219,21 +236,29 @@ def _class_target_row(in_row, out_row, row, y, weight_ptr, scales_ptr, loss_ptr,
         loss += z_scale * z_loss * lse * lse
         a += 2.0 * z_scale * z_loss * lse
     row_nan = tl.where(valid, 0.0, float("nan"))
-    tl.store(loss_ptr + row, loss + row_nan)
-    # 4. pass 2: the gradient row
-    if NEED_GRAD:
-        b = ce_scale * (1.0 - smoothing) * w_y
-        c = ce_scale * smoothing / n_cols
-        if SINGLE_BLOCK:
+    b = ce_scale * (1.0 - smoothing) * w_y
+    c = ce_scale * smoothing / n_cols
+    # 4. pass 2: the gradient row and the gap sum of smoothing, sum_j w_j*(M - x_j)
+    gap = tl.zeros([BLOCK], tl.float32)
+    if SINGLE_BLOCK:
+        if NEED_GRAD:
             _class_grad(out_row, offs, mask_row, x_row, weight_ptr, y, row_max, log_sum, a, b, c,
                         row_nan, softcap, HAS_WEIGHT, SMOOTHING, SOFTCAP)
-        else:
-            for start in range(0, loop_bound(n_cols), BLOCK):
-                cols = start + offs
-                mask = cols < n_cols
-                x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
+        if SMOOTHING:
+            gap += _class_gap(x_row, offs, mask_row, weight_ptr, row_max, HAS_WEIGHT)
+    elif NEED_GRAD or SMOOTHING:
+        for start in range(0, loop_bound(n_cols), BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
+            if NEED_GRAD:
                 _class_grad(out_row, cols, mask, x, weight_ptr, y, row_max, log_sum, a, b, c,
                             row_nan, softcap, HAS_WEIGHT, SMOOTHING, SOFTCAP)
+            if SMOOTHING:
+                gap += _class_gap(x, cols, mask, weight_ptr, row_max, HAS_WEIGHT)
+    if SMOOTHING:
+        loss += c * tl.sum(gap, axis=0)
+    tl.store(loss_ptr + row, loss + row_nan)
 
 
 @triton.jit
@@ -253,10 +278,9 @@ def _soft_target_row(in_row, out_row, target_row, row, weight_ptr, scales_ptr, l
                      smoothing, z_loss, softcap, offs, BLOCK: tl.constexpr,
                      HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr,
                      SOFTCAP: tl.constexpr, NEED_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
-    # 1. pass 1: log-sum-exp, sum r*x and sum r, accumulated per lane
+    # 1. pass 1: log-sum-exp and sum r, accumulated per lane
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK], tl.float32)
-    sum_rx = tl.zeros([BLOCK], tl.float32)
     sum_r = tl.zeros([BLOCK], tl.float32)
     if SINGLE_BLOCK:
         mask_row = offs < n_cols
@@ -264,7 +288,6 @@ def _soft_target_row(in_row, out_row, target_row, row, weight_ptr, scales_ptr, l
         r_row = _soft_weights(target_row, weight_ptr, offs, mask_row, n_cols, smoothing,
                               HAS_WEIGHT, SMOOTHING)
         m, d = _lse_update(x_row, m, d)
-        sum_rx += r_row * tl.where(mask_row, x_row, 0.0)
         sum_r += r_row
     else:
         for start in range(0, loop_bound(n_cols), BLOCK):
@@ -274,34 +297,37 @@ def _soft_target_row(in_row, out_row, target_row, row, weight_ptr, scales_ptr, l
             r = _soft_weights(target_row, weight_ptr, cols, mask, n_cols, smoothing,
                               HAS_WEIGHT, SMOOTHING)
             m, d = _lse_update(x, m, d)
-            sum_rx += r * tl.where(mask, x, 0.0)
             sum_r += r
-    # 2. the row loss and the gradient coefficient
+    # 2. the gradient coefficient and the loss without its gap sum
     row_max, log_sum = _lse_finish(m, d)
     lse = row_max + log_sum
     ce_scale = tl.load(scales_ptr)
     total_r = tl.sum(sum_r, axis=0)
-    loss = ce_scale * (lse * total_r - tl.sum(sum_rx, axis=0))
+    loss = ce_scale * (log_sum * total_r)
     a = ce_scale * total_r
     if Z_LOSS:
         z_scale = tl.load(scales_ptr + 1)
         loss += z_scale * z_loss * lse * lse
         a += 2.0 * z_scale * z_loss * lse
-    tl.store(loss_ptr + row, loss)
-    # 3. pass 2: the gradient row
-    if NEED_GRAD:
-        if SINGLE_BLOCK:
+    # 3. pass 2: the gradient row and the gap sum sum_j r_j*(M - x_j)
+    gap = tl.zeros([BLOCK], tl.float32)
+    if SINGLE_BLOCK:
+        if NEED_GRAD:
             _store_grad(out_row, offs, mask_row, x_row, row_max, log_sum, a, ce_scale * r_row, 0.0,
                         softcap, SOFTCAP)
-        else:
-            for start in range(0, loop_bound(n_cols), BLOCK):
-                cols = start + offs
-                mask = cols < n_cols
-                x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
-                r = _soft_weights(target_row, weight_ptr, cols, mask, n_cols, smoothing,
-                                  HAS_WEIGHT, SMOOTHING)
+        gap += _gap(x_row, r_row, mask_row, row_max)
+    else:
+        for start in range(0, loop_bound(n_cols), BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            x = _load_x(in_row, cols, mask, softcap, SOFTCAP)
+            r = _soft_weights(target_row, weight_ptr, cols, mask, n_cols, smoothing,
+                              HAS_WEIGHT, SMOOTHING)
+            if NEED_GRAD:
                 _store_grad(out_row, cols, mask, x, row_max, log_sum, a, ce_scale * r, 0.0,
                             softcap, SOFTCAP)
+            gap += _gap(x, r, mask, row_max)
+    tl.store(loss_ptr + row, loss + ce_scale * tl.sum(gap, axis=0))
 
 
 @triton.jit
