@@ -50,7 +50,7 @@ def _new_grad(shape, dtype, device=None) -> torch.Tensor:
     return grad
 
 
-_launch = LossLauncher(_cpu, _threads, _check, _new_grad)
+_launch = LossLauncher(_cpu, _threads, _check, _new_grad, device_type="cpu")
 
 
 def cross_entropy_fwd(logits, target, weight, scales, *, num_threads=None, **kw):

@@ -26,7 +26,7 @@ def _stream(tensor, _option) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
-_launch = LossLauncher(_cuda, _stream, check)
+_launch = LossLauncher(_cuda, _stream, check, device_type="cuda")
 
 
 def cross_entropy_fwd(logits, target, weight, scales, **kw):

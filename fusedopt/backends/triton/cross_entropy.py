@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends import _loss_boundary as boundary
 from fusedopt.backends.triton._interpreter import INTERPRETED, loop_bound
 
 __all__ = ["cross_entropy_fwd"]
@@ -359,15 +360,33 @@ def _cross_entropy_kernel(
                               Z_LOSS, SOFTCAP, NEED_GRAD, SINGLE_BLOCK)
 
 
+def device_types() -> tuple[str, ...]:
+    """The devices the kernels take tensors on: CUDA, and CPU under the interpreter."""
+    return ("cuda", "cpu") if INTERPRETED.value else ("cuda",)
+
+
 def cross_entropy_fwd(logits, target, weight, scales, *, ignore_index, label_smoothing, z_loss,
                       softcap, soft_target, inplace, need_grad, block_size=None):
     """Row losses (N,) fp32 and the gradient (N, C) in the logits' dtype (or None).
 
     Contract: docs/architecture.md "Losses".  `block_size` (a power of two) overrides the
-    chunk width; tests use it to run the multi-chunk path on small rows.
+    chunk width; tests use it to run the multi-chunk path on small rows.  Every tensor is
+    verified first (fusedopt/backends/_loss_boundary.py).
     """
+    op = "cross_entropy_fwd"
+    row_stride = boundary.rows(op, logits, device_types())
     n_rows, n_cols = logits.shape
     device = logits.device
+    if soft_target:
+        target_stride = boundary.soft_targets(op, target, logits)
+    else:
+        boundary.class_targets(op, target, n_rows, device)
+        target_stride = 0
+    weight = boundary.class_vector(op, "weight", weight, n_cols, device)
+    boundary.scales(op, scales, device)
+    ignore_index = boundary.ignore_index(op, ignore_index)
+    softcap = boundary.softcap(op, softcap)
+    z_loss = boundary.fp32_finite(op, "z_loss", z_loss)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     grad = None
     if need_grad:
@@ -377,12 +396,13 @@ def cross_entropy_fwd(logits, target, weight, scales, *, ignore_index, label_smo
         return row_loss, grad
     block = check_block_size(block_size) if block_size else block_size_for(n_cols)
     out = grad if need_grad else logits  # not written when need_grad is False
+    out_stride = row_stride if out is logits else n_cols
     _cross_entropy_kernel[(n_rows,)](
-        logits, logits.stride(0), target, target.stride(0) if soft_target else 0,
+        logits, row_stride, target, target_stride,
         weight if weight is not None else scales, scales,
-        row_loss, out, out.stride(0),
-        n_cols, ignore_index, float(label_smoothing), float(z_loss),
-        float(softcap) if softcap is not None else 1.0,
+        row_loss, out, out_stride,
+        n_cols, ignore_index, float(label_smoothing), z_loss,
+        softcap if softcap is not None else 1.0,
         BLOCK=block, HAS_WEIGHT=weight is not None, SMOOTHING=label_smoothing > 0,
         Z_LOSS=z_loss > 0, SOFTCAP=softcap is not None, SOFT_TARGET=bool(soft_target),
         NEED_GRAD=bool(need_grad), SINGLE_BLOCK=n_cols <= block,

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends import _loss_boundary as boundary
 from fusedopt.backends.triton._interpreter import loop_bound
 from fusedopt.backends.triton.cross_entropy import (
     _cast_for,
@@ -51,6 +52,7 @@ from fusedopt.backends.triton.cross_entropy import (
     _zero_row,
     block_size_for,
     check_block_size,
+    device_types,
     num_warps_for,
 )
 
@@ -192,10 +194,18 @@ def focal_loss_fwd(logits, target, alpha, scales, *, gamma, ignore_index, label_
     """Row losses (N,) fp32 and the gradient (N, C) in the logits' dtype (or None).
 
     Contract: docs/architecture.md "Losses".  `block_size` (a power of two) overrides the
-    chunk width; tests use it to run the multi-chunk path on small rows.
+    chunk width; tests use it to run the multi-chunk path on small rows.  Every tensor is
+    verified first (fusedopt/backends/_loss_boundary.py).
     """
+    op = "focal_loss_fwd"
+    row_stride = boundary.rows(op, logits, device_types())
     n_rows, n_cols = logits.shape
     device = logits.device
+    boundary.class_targets(op, target, n_rows, device)
+    alpha = boundary.class_vector(op, "alpha", alpha, n_cols, device)
+    boundary.scales(op, scales, device)
+    ignore_index = boundary.ignore_index(op, ignore_index)
+    gamma = boundary.fp32_finite(op, "gamma", gamma)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=device)
     grad = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=device) if need_grad else None
     if n_rows == 0:
@@ -203,9 +213,9 @@ def focal_loss_fwd(logits, target, alpha, scales, *, gamma, ignore_index, label_
     block = check_block_size(block_size) if block_size else block_size_for(n_cols)
     out = grad if need_grad else logits  # not written when need_grad is False
     _focal_kernel[(n_rows,)](
-        logits, logits.stride(0), target, alpha if alpha is not None else scales, scales,
-        row_loss, out, out.stride(0),
-        n_cols, ignore_index, float(gamma), float(label_smoothing),
+        logits, row_stride, target, alpha if alpha is not None else scales, scales,
+        row_loss, out, n_cols,
+        n_cols, ignore_index, gamma, float(label_smoothing),
         BLOCK=block, HAS_ALPHA=alpha is not None, SMOOTHING=label_smoothing > 0,
         NEED_GRAD=bool(need_grad), SINGLE_BLOCK=n_cols <= block,
         num_warps=num_warps_for(block),
@@ -263,7 +273,13 @@ def sigmoid_focal_loss_fwd(logits, target, scales, *, alpha, gamma, label_smooth
                            need_grad, block_size=None):
     """(loss, grad): the per-element loss in the logits' shape and dtype (reduce=False) or
     fp32 partial sums, one per BLOCK elements in order (reduce=True); both scaled by
-    scales[0], as is the gradient.  Contract: docs/architecture.md "Losses"."""
+    scales[0], as is the gradient.  Contract: docs/architecture.md "Losses".  Every tensor
+    is verified first (fusedopt/backends/_loss_boundary.py)."""
+    op = "sigmoid_focal_loss_fwd"
+    boundary.elementwise(op, logits, target, device_types())
+    boundary.scales(op, scales, logits.device)
+    alpha = boundary.fp32_finite(op, "alpha", alpha)
+    gamma = boundary.fp32_finite(op, "gamma", gamma)
     n_elements = logits.numel()
     block = check_block_size(block_size) if block_size else SIGMOID_BLOCK
     n_programs = triton.cdiv(n_elements, block)
@@ -277,7 +293,7 @@ def sigmoid_focal_loss_fwd(logits, target, scales, *, alpha, gamma, label_smooth
         return loss, grad
     _sigmoid_focal_kernel[(n_programs,)](
         logits, target, scales, loss, grad if need_grad else logits, n_elements,
-        float(alpha), float(gamma), float(label_smoothing),
+        alpha, gamma, float(label_smoothing),
         BLOCK=block, HAS_ALPHA=alpha >= 0, SMOOTHING=label_smoothing > 0,
         REDUCE=bool(reduce), NEED_GRAD=bool(need_grad), num_warps=8 if block >= 2048 else 4,
     )

@@ -1,0 +1,190 @@
+"""The loss kernel boundary: every tensor (and the few scalars that could not be marshalled)
+handed to a compiled loss kernel is verified here, before the kernel runs.
+
+The compiled backends take raw addresses, element strides and dtype codes, so the step
+from tensors to pointers is where a bad input would become an out-of-bounds access or a
+crash.  It happens in exactly two places -- ``LossLauncher`` (fusedopt/backends/
+_loss_launch.py) for `cpu` and `cuda`, and the launchers of fusedopt/backends/triton/ --
+and both call these functions first.  The public layer (fusedopt.functional) has already
+checked the arguments with friendlier messages; this is the last line, which a direct call
+of a backend entry point cannot get around.  Each check reads tensor metadata only (no
+data, no device sync): a few microseconds per call.
+
+What is verified, for every tensor:
+- its type is exactly ``torch.Tensor`` or ``torch.nn.Parameter`` (a plain tensor with a
+  flag); any other subclass -- DTensor, FakeTensor, a wrapper subclass whose data pointer
+  is not its data -- is refused with a TypeError;
+- a strided, non-negated layout on the device the kernel runs on (the same for all the
+  tensors of a call), with a data pointer when it has elements;
+- its dtype, shape, and the strides the kernel walks.  A dimension of size 1 may have any
+  stride (it is never stepped over): such tensors are passed with the stride the kernel
+  would use for a contiguous one.
+The functions return the element strides to pass.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+FP32_MAX = torch.finfo(torch.float32).max
+# softcap s is used in fp32.  Below 2^-126 it is subnormal, 0 or worse in fp32 (the capping
+# would be skipped or give NaN); above 2^64, x / s is subnormal for |x| < 2^-62, which a
+# GPU may flush to 0, and the capping changes no logit below 1e18 an fp32 loss could see
+# (pass None instead).  In between, s * tanh(x / s) is computed to fp32 accuracy.
+SOFTCAP_MIN = 2.0 ** -126
+SOFTCAP_MAX = 2.0 ** 64
+
+
+def plain_tensor(op: str, name: str, t, device: torch.device | None = None,
+                 device_types: tuple[str, ...] = ()) -> torch.Tensor:
+    """`t` is a plain strided tensor whose memory the kernel may address directly: on
+    `device` when given, else on a device of one of `device_types` when given."""
+    if type(t) not in _PLAIN_TYPES:
+        what = type(t).__name__ if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+        raise TypeError(
+            f"{op}: {name} must be a plain torch.Tensor, got {what}; tensor subclasses "
+            f"(DTensor, FakeTensor, ...) cannot be handed to a compiled kernel -- pass the "
+            f"local tensor")
+    if t.layout != torch.strided:
+        raise ValueError(f"{op}: {name} must be a strided (dense) tensor, got layout {t.layout}")
+    if t.is_neg() or t.is_conj():
+        raise ValueError(f"{op}: {name} is a lazily negated/conjugated view; pass "
+                         f"{name}.resolve_neg() (or .resolve_conj())")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the logits' "
+                         f"device)")
+    if device_types and t.device.type not in device_types:
+        raise ValueError(f"{op}: {name} is on {t.device}; this backend runs on "
+                         f"{' or '.join(device_types)} tensors")
+    if t.numel() > 0 and t.data_ptr() == 0:
+        raise ValueError(f"{op}: {name} has {t.numel()} elements but no data pointer")
+    return t
+
+
+def _dtype(op: str, name: str, t: torch.Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{op}: {name} must be {names}, got {t.dtype}")
+
+
+def rows(op: str, logits, device_types: tuple[str, ...]) -> int:
+    """(N, C) logits of fp32/bf16/fp16 on a device of `device_types`, the class dim
+    contiguous and the rows at least C apart; returns the row stride to pass."""
+    plain_tensor(op, "logits", logits, device_types=device_types)
+    _dtype(op, "logits", logits, LOGIT_DTYPES)
+    return row_layout(op, "logits", logits)
+
+
+def row_layout(op: str, name: str, t: torch.Tensor) -> int:
+    """The row stride of a 2-D tensor walked as rows of contiguous values at a stride of
+    at least C (any stride for a dimension of size 1)."""
+    if t.dim() != 2 or t.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must be (N, C) with C >= 1, got shape "
+                         f"{tuple(t.shape)}")
+    n_rows, n_cols = t.shape
+    col_ok = n_cols == 1 or t.stride(1) == 1
+    row_ok = n_rows <= 1 or t.stride(0) >= n_cols
+    if not (col_ok and row_ok):
+        raise ValueError(f"{op}: {name} must have stride(1) == 1 and stride(0) >= C (rows "
+                         f"of contiguous values), got shape {tuple(t.shape)} strides "
+                         f"{t.stride()}")
+    return t.stride(0) if n_rows > 1 else n_cols
+
+
+def class_targets(op: str, target, n_rows: int, device: torch.device) -> None:
+    """(N,) class indices, int64/int32/uint8, contiguous."""
+    plain_tensor(op, "target", target, device)
+    _dtype(op, "target", target, INDEX_DTYPES)
+    if target.shape != (n_rows,) or (n_rows > 1 and target.stride(0) != 1):
+        raise ValueError(f"{op}: class targets must be contiguous of shape ({n_rows},), got "
+                         f"shape {tuple(target.shape)} strides {target.stride()}")
+
+
+def soft_targets(op: str, target, logits: torch.Tensor) -> int:
+    """Probability targets of the logits' shape and dtype, rows of contiguous values;
+    returns their row stride."""
+    plain_tensor(op, "target", target, logits.device)
+    if target.dtype != logits.dtype or target.shape != logits.shape:
+        raise ValueError(f"{op}: soft targets must have the logits' shape and dtype "
+                         f"{logits.dtype} {tuple(logits.shape)}, got {target.dtype} "
+                         f"{tuple(target.shape)}")
+    return row_layout(op, "target", target)
+
+
+def class_vector(op: str, name: str, t, n_cols: int, device: torch.device):
+    """None, or a contiguous fp32 vector of `n_cols` values (class weights, alpha)."""
+    if t is None:
+        return None
+    plain_tensor(op, name, t, device)
+    if t.dtype != torch.float32 or t.shape != (n_cols,) or (n_cols > 1 and t.stride(0) != 1):
+        raise ValueError(f"{op}: {name} must be a contiguous fp32 tensor of shape ({n_cols},), "
+                         f"got {t.dtype} shape {tuple(t.shape)} strides {t.stride()}")
+    return t
+
+
+def scales(op: str, t, device: torch.device) -> torch.Tensor:
+    """The (2,) fp32 `scales` the kernels read: [ce_scale, z_scale]."""
+    plain_tensor(op, "scales", t, device)
+    if t.dtype != torch.float32 or t.shape != (2,) or t.stride(0) != 1:
+        raise ValueError(f"{op}: scales must be a contiguous fp32 tensor of shape (2,), got "
+                         f"{t.dtype} shape {tuple(t.shape)}")
+    return t
+
+
+def ignore_index(op: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: ignore_index must be an int, got {value!r}")
+    if not INT64_MIN <= int(value) <= INT64_MAX:
+        raise ValueError(f"{op}: ignore_index must fit in int64 ([{INT64_MIN}, {INT64_MAX}]), "
+                         f"got {value}")
+    return int(value)
+
+
+def softcap(op: str, value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not SOFTCAP_MIN <= value <= SOFTCAP_MAX:
+        raise ValueError(f"{op}: softcap must be None or in [2**-126, 2**64] "
+                         f"([{SOFTCAP_MIN:.4g}, {SOFTCAP_MAX:.4g}]), got {value!r}")
+    return value
+
+
+def fp32_finite(op: str, name: str, value) -> float:
+    """A float scalar the kernels use in fp32: finite there (NaN refused too)."""
+    value = float(value)
+    if math.isnan(value) or abs(value) > FP32_MAX:
+        raise ValueError(f"{op}: {name} must be finite in fp32 (|{name}| <= {FP32_MAX:g}), "
+                         f"got {value!r}")
+    return value
+
+
+def elementwise(op: str, logits, target, device_types: tuple[str, ...]) -> None:
+    """Logits and targets of the sigmoid focal loss: contiguous, same shape and dtype."""
+    plain_tensor(op, "logits", logits, device_types=device_types)
+    _dtype(op, "logits", logits, LOGIT_DTYPES)
+    plain_tensor(op, "target", target, logits.device)
+    if not (logits.is_contiguous() and target.is_contiguous()) or \
+            target.shape != logits.shape or target.dtype != logits.dtype:
+        raise ValueError(f"{op}: logits and target must be contiguous with the same shape and "
+                         f"dtype, got {logits.dtype} {tuple(logits.shape)} and {target.dtype} "
+                         f"{tuple(target.shape)}")
+
+
+def scaled_grad(op: str, grad, scale, device_types: tuple[str, ...]) -> None:
+    """A contiguous loss gradient and a one-value fp32 scale on its device."""
+    plain_tensor(op, "grad", grad, device_types=device_types)
+    _dtype(op, "grad", grad, LOGIT_DTYPES)
+    if not grad.is_contiguous():
+        raise ValueError(f"{op}: grad must be contiguous, got strides {grad.stride()}")
+    plain_tensor(op, "scale", scale, grad.device)
+    if scale.dtype != torch.float32 or scale.numel() != 1:
+        raise ValueError(f"{op}: scale must be one fp32 value, got {scale.dtype} shape "
+                         f"{tuple(scale.shape)}")
