@@ -141,13 +141,14 @@ def focal_loss_fwd(logits, target, alpha, scales, *, gamma, ignore_index, label_
     if alpha is not None:
         q = q * alpha.to(_F32)
     u_pow = u.pow(gamma)
-    # q = 0 terms contribute nothing, even where log p = -inf.
-    terms = torch.where(q > 0, q * u_pow * log_p, 0.0)
+    # Terms with alpha_c q_c = 0 contribute nothing, even where log p = -inf.  A negative
+    # alpha_c is used as the formula stands (docs/losses.md).
+    terms = torch.where(q != 0, q * u_pow * log_p, 0.0)
     row_loss = -scale * terms.sum(dim=1)
     grad = None
     if need_grad:
         log_p_over_u = torch.where(u > 0, log_p / u, -1.0)
-        v = torch.where(q > 0, q * u_pow * (1.0 - gamma * p * log_p_over_u), 0.0)
+        v = torch.where(q != 0, q * u_pow * (1.0 - gamma * p * log_p_over_u), 0.0)
         grad = scale * (p * v.sum(dim=1, keepdim=True) - v)
     return _finish(row_loss, grad, logits, valid, bad, False, need_grad)
 

@@ -82,7 +82,8 @@ def _plogp_over_u(p, log_p, u):
 @triton.jit
 def _focal_terms(x, cols, mask, y, row_max, log_sum, alpha_ptr, n_cols, gamma, smoothing,
                  HAS_ALPHA: tl.constexpr):
-    """(p_j, g_j, alpha_j*q_j*u_j^gamma*L_j) of one chunk, 0 in the masked tail."""
+    """(p_j, g_j, alpha_j*q_j*u_j^gamma*L_j) of one chunk, 0 in the masked tail.  alpha
+    may be negative: the formula is used as it stands (docs/losses.md)."""
     log_p = (x - row_max) - log_sum
     p = tl.exp(log_p)
     u = -_expm1(log_p)
@@ -92,7 +93,8 @@ def _focal_terms(x, cols, mask, y, row_max, log_sum, alpha_ptr, n_cols, gamma, s
         q = q * tl.load(alpha_ptr + cols, mask=mask, other=0.0)
     q = tl.where(mask, q, 0.0)
     g = q * u_pow * (1.0 - gamma * _plogp_over_u(p, log_p, u))
-    return p, g, q * u_pow * tl.where(mask, log_p, 0.0)
+    # a class with alpha_j*q_j = 0 adds nothing, even where log p = -inf
+    return p, g, q * u_pow * tl.where(q != 0, log_p, 0.0)
 
 
 @triton.jit
@@ -171,7 +173,7 @@ def _focal_kernel(
             coef = scale * _pow(u_y, gamma)
             if HAS_ALPHA:
                 coef = coef * tl.load(alpha_ptr + y_safe, mask=valid, other=0.0)
-            tl.store(loss_ptr + row, -coef * log_p_y + row_nan)
+            tl.store(loss_ptr + row, tl.where(coef == 0, 0.0, -coef * log_p_y) + row_nan)
             g_y = coef * (1.0 - gamma * _plogp_over_u(p_y, log_p_y, u_y))
             # 3. pass 2: the gradient, g_y * (p_j - [j == y])
             if NEED_GRAD:
