@@ -15,12 +15,15 @@ import numbers
 import torch
 
 from fusedopt import backends, ops
+from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CLASS_TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
 _REDUCTIONS = ("none", "mean", "sum")
+_FP32 = torch.finfo(torch.float32)  # the kernels use every float argument in fp32
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 def _check_input(input):
@@ -48,6 +51,14 @@ def _check_number(name, value, *, low=None, high=None, low_open=False):
     return value
 
 
+def _check_fp32_range(name, value, low, high):
+    """`value` (already a checked real number) within [low, high], the range where it is
+    usable in fp32 (outside, it would round to 0 or inf in the kernels)."""
+    if not low <= float(value) <= high:
+        raise ValueError(f"{name} must be in [{low:.4g}, {high:.4g}] (the range the kernels "
+                         f"compute it right in fp32), got {value!r}")
+
+
 def _check_common(reduction, label_smoothing, backend):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
@@ -72,6 +83,9 @@ def _check_classes(input, target, ignore_index, *, allow_soft):
     _check_same_device(input, "target", target)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 ([{_INT64_MIN}, {_INT64_MAX}]), got "
+                         f"{ignore_index}")
     class_shape = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size()
     if target.is_floating_point():
         if allow_soft and target.shape == input.shape:
@@ -120,10 +134,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     _check_number("z_loss", z_loss, low=0.0)
     if not math.isfinite(float(z_loss)):
         raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+    _check_fp32_range("z_loss", z_loss, 0.0, _FP32.max)
     if softcap is not None:
         _check_number("softcap", softcap, low=0.0, low_open=True)
         if not math.isfinite(float(softcap)):
             raise ValueError(f"softcap must be finite or None, got {softcap!r}")
+        _check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     return ops.cross_entropy(input, target, weight, int(ignore_index), reduction,
@@ -136,10 +152,18 @@ def focal_loss(input, target, gamma=2.0, alpha=None, ignore_index=-100, reductio
     _check_common(reduction, label_smoothing, backend)
     _check_classes(input, target, ignore_index, allow_soft=False)
     _check_number("gamma", gamma, low=0.0)
+    _check_fp32_range("gamma", gamma, 0.0, _FP32.max)
     if isinstance(alpha, torch.Tensor):
         _check_class_vector(input, "alpha", alpha)
     elif alpha is not None:
+        # alpha < 0 means "no weighting" in sigmoid_focal_loss (torchvision); here it would
+        # negate the loss, so it is refused: None is the way to switch the weighting off.
         _check_number("alpha", alpha)
+        if float(alpha) < 0:
+            raise ValueError(f"alpha must be >= 0 or None (None: no class weighting; a "
+                             f"negative alpha disables weighting only in "
+                             f"sigmoid_focal_loss), got {alpha!r}")
+        _check_fp32_range("alpha", alpha, 0.0, _FP32.max)
     return ops.focal_loss(input, target, gamma, alpha, int(ignore_index), reduction,
                           label_smoothing, backend)
 
@@ -159,6 +183,8 @@ def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *
         raise TypeError(f"target must be a floating-point tensor of 0/1 labels or "
                         f"probabilities, got {target.dtype}")
     _check_number("gamma", gamma, low=0.0)
+    _check_fp32_range("gamma", gamma, 0.0, _FP32.max)
     _check_number("alpha", alpha)
+    _check_fp32_range("alpha", alpha, -_FP32.max, _FP32.max)
     return ops.sigmoid_focal_loss(input, target, alpha, gamma, reduction, label_smoothing,
                                   backend)
