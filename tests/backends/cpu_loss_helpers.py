@@ -1,8 +1,11 @@
 """Shared helpers of the `cpu` loss-kernel tests: entry-point wrappers, references computed
 by PyTorch in float64 (F.cross_entropy and autograd; written-out formulas where PyTorch has
-no equivalent), and flash-attention's rule for bf16/fp16: our error against the float64
-reference is at most twice the error of the same torch computation run in the low
-precision (plus one ulp of the final store and a tiny atol)."""
+no equivalent), and the tolerance of the precision each value is computed in: the row
+losses are fp32 (fp32 tolerances, whatever the logits' dtype); a value stored in bf16/fp16
+is either an fp32 result rounded once (`assert_rounded_once`: the per-element sigmoid focal
+loss) or a gradient, judged by flash-attention's rule (`assert_lowp_rule`: our error against
+the float64 reference at most twice the error of the same torch computation run in the low
+precision, plus one ulp of the final store and a tiny atol)."""
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +96,13 @@ def assert_lowp_rule(got, ref64, torch_lowp, dtype, what=""):
     assert ours <= 2 * theirs + ulp + 1e-7, (
         f"{what}: error {ours:.3g} vs fp64 reference exceeds 2x torch's {dtype} error "
         f"{theirs:.3g} + ulp {ulp:.3g}")
+
+
+def assert_rounded_once(got, ref64, dtype, rtol=1e-5, atol=1e-6, what=""):
+    """`got` (in `dtype`) is an fp32-accurate value rounded once to `dtype` (a loss stored
+    in the low precision): per element |got - ref| <= (eps(dtype)/2 + rtol) |ref| + atol."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert_close(got, ref64, rtol=torch.finfo(dtype).eps / 2 + rtol, atol=atol, what=what)
 
 
 def same_bits(a, b):

@@ -13,8 +13,8 @@ if not _OK:
     pytest.skip(f"cpu backend cannot run here: {_REASON}", allow_module_level=True)
 
 from cpu_loss_helpers import (IGNORE, assert_close, assert_lowp_rule,  # noqa: E402
-                              ce_reference, focal_reference, make_ce_case, same_bits, scales,
-                              sigmoid_focal_reference)
+                              assert_rounded_once, ce_reference, focal_reference, make_ce_case,
+                              same_bits, scales, sigmoid_focal_reference)
 from fusedopt.backends import cpu as cb  # noqa: E402
 
 
@@ -96,9 +96,9 @@ def test_focal_low_precision_error_rule(dtype, smooth):
     loss, grad = focal_fwd(x, y, alpha, gamma=2.0, eps=eps)
     assert grad.dtype == dtype
     ref_loss, ref_grad = focal_reference(x, y, alpha, 2.0, eps)
-    low_loss, low_grad = focal_reference(x, y, alpha, 2.0, eps, dtype=dtype)
+    _, low_grad = focal_reference(x, y, alpha, 2.0, eps, dtype=dtype)
     assert_lowp_rule(grad, ref_grad, low_grad, dtype, "grad")
-    assert_lowp_rule(loss, ref_loss, low_loss, dtype, "loss")
+    assert_close(loss, ref_loss, what="loss (fp32 row losses)")
 
 
 def test_focal_out_of_range_targets_and_index_types():
@@ -159,9 +159,9 @@ def test_sigmoid_focal_low_precision_error_rule(dtype):
     loss, grad = sigmoid_fwd(x, t)
     assert loss.dtype == dtype and grad.dtype == dtype
     ref_loss, ref_grad = sigmoid_focal_reference(x, t)
-    low_loss, low_grad = sigmoid_focal_reference(x, t, dtype=dtype)
+    _, low_grad = sigmoid_focal_reference(x, t, dtype=dtype)
     assert_lowp_rule(grad, ref_grad, low_grad, dtype, "grad")
-    assert_lowp_rule(loss, ref_loss, low_loss, dtype, "loss")
+    assert_rounded_once(loss, ref_loss, dtype, what="loss (fp32, stored once in the dtype)")
 
 
 def test_sigmoid_focal_thread_count_and_run_to_run_bitwise_equal():

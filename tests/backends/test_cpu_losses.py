@@ -175,9 +175,9 @@ def test_low_precision_error_rule(dtype, smooth, capped, soft):
     loss, grad = ce_fwd(x, y, weight, **kwargs)
     assert grad.dtype == dtype and loss.dtype == torch.float32
     ref_loss, ref_grad = ce_reference(x, y, weight, **kwargs)
-    low_loss, low_grad = ce_reference(x, y, weight, **kwargs, dtype=dtype)
+    _, low_grad = ce_reference(x, y, weight, **kwargs, dtype=dtype)
     assert_lowp_rule(grad, ref_grad, low_grad, dtype, "grad")
-    assert_lowp_rule(loss, ref_loss, low_loss, dtype, "loss")
+    assert_close(loss, ref_loss, what="loss (fp32 row losses)")
 
 
 def test_target_column_kept_in_fp32():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpu_loss_helpers import (IGNORE, assert_close, assert_lowp_rule, ce_reference,
-                              focal_reference, make_ce_case, same_bits,
+from cpu_loss_helpers import (IGNORE, assert_close, assert_lowp_rule, assert_rounded_once,
+                              ce_reference, focal_reference, make_ce_case, same_bits,
                               sigmoid_focal_reference)
 from cuda_loss_helpers import BF16, DEV, F16, F32, cuda  # noqa: F401  (fixture)
 from cuda_loss_helpers import device_scales as _scales
@@ -99,10 +99,9 @@ def test_focal_low_precision(cuda, dtype, smooth):
     alpha = torch.rand(3000) + 0.5
     loss, grad = _focal(cuda, x, y, alpha, gamma=2.0, label_smoothing=smooth)
     ref_loss, ref_grad = focal_reference(x, y, alpha, 2.0, smooth)
-    low_loss, low_grad = focal_reference(x.to(DEV), y.to(DEV), alpha.to(DEV), 2.0, smooth,
-                                         dtype=dtype)
+    _, low_grad = focal_reference(x.to(DEV), y.to(DEV), alpha.to(DEV), 2.0, smooth, dtype=dtype)
     assert grad.dtype == dtype
-    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    assert_close(loss, ref_loss, what="loss (fp32 row losses)")
     assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
 
 
@@ -166,10 +165,9 @@ def test_sigmoid_focal_low_precision(cuda, dtype):
     t = (torch.rand(5000) < 0.3).to(dtype)
     loss, grad = _sigmoid(cuda, x, t, label_smoothing=0.1)
     ref_loss, ref_grad = sigmoid_focal_reference(x, t, 0.25, 2.0, 0.1)
-    low_loss, low_grad = sigmoid_focal_reference(x.to(DEV), t.to(DEV), 0.25, 2.0, 0.1,
-                                                 dtype=dtype)
+    _, low_grad = sigmoid_focal_reference(x.to(DEV), t.to(DEV), 0.25, 2.0, 0.1, dtype=dtype)
     assert loss.dtype == dtype and grad.dtype == dtype
-    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    assert_rounded_once(loss, ref_loss, dtype, what="loss (fp32, stored once in the dtype)")
     assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
 
 

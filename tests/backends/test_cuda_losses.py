@@ -113,8 +113,8 @@ def test_cross_entropy_vocab_sizes(cuda, c, dtype):
         return
     loss, grad = _ce(cuda, x, y, weight, **kw)
     ref_loss, ref_grad = ce_reference(x, y, weight, **kw)
-    low_loss, low_grad = ce_reference(x.to(DEV), y.to(DEV), weight.to(DEV), dtype=dtype, **kw)
-    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    _, low_grad = ce_reference(x.to(DEV), y.to(DEV), weight.to(DEV), dtype=dtype, **kw)
+    assert_close(loss, ref_loss, what="loss (fp32 row losses)")
     assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
 
 
@@ -134,8 +134,8 @@ def test_cross_entropy_misaligned_rows_take_the_scalar_path(cuda, dtype, c):
             assert_close(loss, ref_loss, what="loss")
             assert_close(grad, ref_grad, what="grad")
         else:
-            low_loss, low_grad = ce_reference(x, target.to(DEV), weight.to(DEV), dtype=dtype, **kw)
-            assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+            _, low_grad = ce_reference(x, target.to(DEV), weight.to(DEV), dtype=dtype, **kw)
+            assert_close(loss, ref_loss, what="loss (fp32 row losses)")
             assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
 
 
@@ -230,9 +230,9 @@ def test_cross_entropy_low_precision(cuda, dtype, case):
           "soft": dict(soft=True, eps=0.05)}[case]
     loss, grad = _ce(cuda, x, y, weight, **kw)
     ref_loss, ref_grad = ce_reference(x, y, weight, **kw)
-    low_loss, low_grad = ce_reference(x.to(DEV), y.to(DEV), weight.to(DEV), dtype=dtype, **kw)
+    _, low_grad = ce_reference(x.to(DEV), y.to(DEV), weight.to(DEV), dtype=dtype, **kw)
     assert grad.dtype == dtype
-    assert_lowp_rule(loss, ref_loss, low_loss.cpu(), dtype, what="loss")
+    assert_close(loss, ref_loss, what="loss (fp32 row losses)")
     assert_lowp_rule(grad, ref_grad, low_grad.cpu(), dtype, what="grad")
 
 

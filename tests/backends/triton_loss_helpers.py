@@ -1,7 +1,9 @@
 """Shared helpers of the Triton loss tests: entry-point wrappers, torch references and the
-comparison rules.  References run in float64; bf16/fp16 follow flash-attention's rule: our
-error against the float64 reference is at most twice the error of the same torch
-computation run in the low precision (plus a tiny atol)."""
+comparison rules.  References run in float64.  Each value is judged in the precision it is
+computed in: row losses are fp32 whatever the logits' dtype (`assert_matches`); a loss
+stored in bf16/fp16 is an fp32 result rounded once (`assert_rounded_once`); a bf16/fp16
+gradient follows flash-attention's rule: our error against the float64 reference is at most
+twice the error of the same torch computation run in the low precision (plus a tiny atol)."""
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,13 @@ def assert_low_precision_rule(ours, torch_low, ref, what, atol=1e-6):
     err_torch = (torch_low.double().cpu() - ref.double().cpu()).abs().max().item()
     assert err_ours <= 2 * err_torch + atol, (
         f"{what}: our error {err_ours:.3g} > 2 x torch's low-precision error {err_torch:.3g}")
+
+
+def assert_rounded_once(got, ref, dtype, rtol=1e-5, atol=1e-6):
+    """`got` (in `dtype`) is an fp32-accurate value rounded once to `dtype` (a loss stored
+    in the low precision): per element |got - ref| <= (eps(dtype)/2 + rtol) |ref| + atol."""
+    assert got.dtype == dtype, f"dtype {got.dtype}, expected {dtype}"
+    assert_matches(got, ref, rtol=torch.finfo(dtype).eps / 2 + rtol, atol=atol)
 
 
 def make_ce_case(n, c, dtype=torch.float32, soft=False, scale=3.0, seed=0):

@@ -1,4 +1,10 @@
-"""Shared helpers of the loss tests: references in float64 and flash-attention's error rule."""
+"""Shared helpers of the loss tests: references in float64 and the tolerance rules.
+
+Each comparison gets the tolerance of the precision the code under test computes in:
+- a loss computed in fp32 and returned in bf16/fp16 is rounded once: `assert_rounded_once`
+  (half an ulp of the low precision plus fp32 error);
+- a gradient stored in bf16/fp16 gets flash-attention's rule, `assert_lowp_rule` (error
+  against the float64 reference at most twice PyTorch's own error in that precision)."""
 
 import torch
 
@@ -36,3 +42,14 @@ def assert_lowp_rule(got, ref64, torch_lowp, dtype, what=""):
     assert ours <= 2 * theirs + ulp + 1e-7, (
         f"{what}: error {ours:.3g} vs fp64 reference exceeds 2x torch's {dtype} error "
         f"{theirs:.3g} + ulp {ulp:.3g}")
+
+
+def assert_rounded_once(got, ref64, dtype, rtol=1e-5, atol=1e-6, what=""):
+    """`got` (in `dtype`) is an fp32-accurate value rounded once to `dtype`: per element
+    |got - ref| <= (eps(dtype) / 2 + rtol) |ref| + atol, where eps/2 is the largest
+    relative error of a round-to-nearest and rtol the fp32 computation's."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert got.shape == ref64.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    torch.testing.assert_close(got.double().cpu(), ref64.double().cpu(),
+                               rtol=torch.finfo(dtype).eps / 2 + rtol, atol=atol,
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
