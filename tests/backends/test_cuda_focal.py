@@ -1,7 +1,7 @@
 """The `cuda` backend's focal-loss kernels and scale_grad (csrc/cuda/focal.cu), called
 through their launchers on CUDA tensors, against the formulas written out in torch (softmax
-focal; torchvision's sigmoid focal, cpu_loss_helpers.py) in float64, bf16/fp16 by
-flash-attention's rule: both sides of the row-cache limit, strided and misaligned rows,
+focal; torchvision's sigmoid focal, cpu_loss_helpers.py) in float64, bf16/fp16 gradients by
+flash-attention's rule (fp32 losses at fp32 tolerance, bf16/fp16 ones as one rounding): both sides of the row-cache limit, strided and misaligned rows,
 ignored and out-of-range targets, partial sums, determinism. Every test is marked `gpu`:
 without a CUDA device they are skipped with the reason (tests/conftest.py)."""
 

@@ -1,12 +1,13 @@
 """The `cuda` backend's cross-entropy kernel (csrc/cuda/cross_entropy.cu), called through
 its launcher (fusedopt/backends/cuda/losses.py) on CUDA tensors, against F.cross_entropy in
 float64: every flag of SPEC §1 (class weights, ignore_index, label smoothing, soft targets,
-z-loss, soft-capping), int64/int32/uint8 targets, bf16/fp16 by flash-attention's rule.
+z-loss, soft-capping), int64/int32/uint8 targets; bf16/fp16 gradients by flash-attention's
+rule, the fp32 row losses at fp32 tolerance whatever the logits' dtype.
 Shapes from DESIGN.md: C = 1, 3, 4097, 32000, 50257, 128256 and both sides of the row-cache
 limit, strided and misaligned rows, more rows than blocks. Every test is marked `gpu`:
 without a CUDA device they are skipped with the reason (tests/conftest.py). The focal
 losses and scale_grad: test_cuda_focal.py; the CPU-runnable checks of the bindings:
-test_cuda_loss_bindings.py."""
+test_cuda_loss_bindings.py. The kernel boundary of the launcher: test_loss_boundary.py."""
 
 from __future__ import annotations
 
@@ -255,6 +256,26 @@ def test_cross_entropy_loss_only_and_scales_from_the_device(cuda):
     assert grad is None
     assert_close(loss, ce_reference(x, y, weight, (0.25, 3.0), eps=0.1, z_loss=0.01)[0],
                  what="loss")
+
+
+@pytest.mark.parametrize("c", [300, 20001])  # cached / not cached in fp32
+@pytest.mark.parametrize("kind", ["equal_1e30", "offset_1e6"])
+@pytest.mark.parametrize("soft", [False, True], ids=["smoothing", "soft"])
+def test_cross_entropy_large_logits_relative_to_the_max(cuda, kind, soft, c):
+    """Soft targets and smoothing on rows of equal logits 1e30 or logits offset by 1e6: the
+    weighted sums are taken relative to the row max (lse * sum w - sum w x cancelled), in
+    the gradient pass, in place, and in the loss-only pass, from the row cache or not."""
+    x, y, weight = make_ce_case(4, c, soft=soft)
+    x = torch.full_like(x, 1e30) if kind == "equal_1e30" else x + 1e6
+    for w in (None, weight):
+        ref_loss, ref_grad = ce_reference(x, y, w, eps=0.1, soft=soft)
+        for inplace in (False, True):
+            loss, grad = _ce(cuda, x.clone(), y, w, eps=0.1, soft=soft, inplace=inplace)
+            assert_close(loss, ref_loss, what=f"loss, in place: {inplace}")
+            assert_close(grad, ref_grad, what=f"grad, in place: {inplace}")
+        loss, none = _ce(cuda, x, y, w, eps=0.1, soft=soft, need_grad=False)
+        assert none is None
+        assert_close(loss, ref_loss, what="loss without a gradient")
 
 
 def test_cross_entropy_all_ignored_and_inf_scale(cuda):
