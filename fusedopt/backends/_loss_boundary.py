@@ -1,4 +1,4 @@
-"""The loss kernel boundary: every tensor (and the few scalars that could not be marshalled)
+"""The loss kernel boundary: every tensor (and every scalar the kernels would misread)
 handed to a compiled loss kernel is verified here, before the kernel runs.
 
 The compiled backends take raw addresses, element strides and dtype codes, so the step
@@ -15,7 +15,8 @@ What is verified, for every tensor:
   flag); any other subclass -- DTensor, FakeTensor, a wrapper subclass whose data pointer
   is not its data -- is refused with a TypeError;
 - a strided, non-negated layout on the device the kernel runs on (the same for all the
-  tensors of a call), with a data pointer when it has elements;
+  tensors of a call), every element it spans inside its storage (a storage resized to 0
+  or shrunk under a view is refused);
 - its dtype, shape, and the strides the kernel walks.  A dimension of size 1 may have any
   stride (it is never stepped over): such tensors are passed with the stride the kernel
   would use for a contiguous one.
@@ -54,17 +55,23 @@ def plain_tensor(op: str, name: str, t, device: torch.device | None = None,
             f"local tensor")
     if t.layout != torch.strided:
         raise ValueError(f"{op}: {name} must be a strided (dense) tensor, got layout {t.layout}")
-    if t.is_neg() or t.is_conj():
-        raise ValueError(f"{op}: {name} is a lazily negated/conjugated view; pass "
-                         f"{name}.resolve_neg() (or .resolve_conj())")
+    if t.is_neg():
+        raise ValueError(f"{op}: {name} is a lazily negated view; pass {name}.resolve_neg()")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the logits' "
                          f"device)")
     if device_types and t.device.type not in device_types:
         raise ValueError(f"{op}: {name} is on {t.device}; this backend runs on "
                          f"{' or '.join(device_types)} tensors")
-    if t.numel() > 0 and t.data_ptr() == 0:
-        raise ValueError(f"{op}: {name} has {t.numel()} elements but no data pointer")
+    if t.numel() > 0:
+        last = t.storage_offset()
+        for n, st in zip(t.shape, t.stride()):
+            last += (n - 1) * st
+        nbytes = t.untyped_storage().nbytes()
+        if (last + 1) * t.element_size() > nbytes:
+            raise ValueError(f"{op}: {name} reaches past the end of its storage ({nbytes} "
+                             f"bytes for shape {tuple(t.shape)}, strides {t.stride()}, offset "
+                             f"{t.storage_offset()}): was the storage freed or resized?")
     return t
 
 

@@ -5,6 +5,10 @@ rest with a TypeError/ValueError naming the argument; no kernel is launched then
 dimension of size 1 may have any stride. The `cuda` launcher is checked with a stand-in
 module (these refusals happen before anything reaches a device)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -157,6 +161,33 @@ def test_parameters_and_any_stride_of_size_one_dims_accepted(entry, monkeypatch)
     _same_results(_ce(module, args["logits"], q, args["weight"], args["scales"], soft=True),
                   _ce(module, args["logits"], q.contiguous(), args["weight"], args["scales"],
                       soft=True))
+
+
+_FREED_STORAGE = r"""
+import sys, torch
+from fusedopt import backends
+module = backends._load(sys.argv[1])
+x = torch.randn(10, 6)
+view = x[2:]
+x.untyped_storage().resize_(0)  # view now spans 0 bytes; reading it would fault
+try:
+    module.cross_entropy_fwd(view, torch.zeros(8, dtype=torch.long), None, torch.ones(2),
+                             ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                             soft_target=False, inplace=False, need_grad=True)
+except ValueError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_freed_storage_refused(entry, monkeypatch):
+    """A view whose storage was resized to 0 (as FSDP does to free memory): refused from its
+    metadata. Run in a subprocess, so a miss is a failed test, not a crashed run."""
+    _module(entry, monkeypatch, block_kernels=False)
+    run = subprocess.run([sys.executable, "-c", _FREED_STORAGE, entry], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ))
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
+    assert "logits reaches past the end of its storage" in run.stdout, run.stdout + run.stderr
 
 
 FOCAL_REFUSED = {
