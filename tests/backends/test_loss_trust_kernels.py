@@ -50,7 +50,7 @@ def _case(kind, n, c, soft, seed=0):
     if kind == "equal_1e30":
         x = torch.full((n, c), 1e30)
     else:
-        x = 3 * torch.randn(n, c, generator=gen) + {"offset_1e6": 1e6, "offset_1e3": 1e3}[kind]
+        x = 3 * torch.randn(n, c, generator=gen) + 1e6
     if soft:
         y = torch.softmax(torch.randn(n, c, generator=gen), dim=1)
     else:
@@ -62,7 +62,7 @@ def _case(kind, n, c, soft, seed=0):
 
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("c", [37, 300])
-@pytest.mark.parametrize("kind", ["equal_1e30", "offset_1e6", "offset_1e3"])
+@pytest.mark.parametrize("kind", ["equal_1e30", "offset_1e6"])
 @pytest.mark.parametrize("soft", [False, True], ids=["smoothing", "soft"])
 def test_large_logits_in_every_path(entry, kind, c, soft):
     run = _entry(entry)

@@ -166,7 +166,7 @@ def test_softcap_at_the_ends_of_its_range(backend, softcap):
     assert_close(grads_of(got, x), grads_of(want, x64), what="grad")
 
 
-def _single_class_inputs(device):
+def _single_class_inputs():
     gen = torch.Generator().manual_seed(8)
     return {
         "n1": torch.randn(5, 1, generator=gen),
@@ -183,7 +183,7 @@ def test_single_class_inputs(backend, layout):
     """One class: every log p is 0, so the loss is 0 and the gradient 0 (as torch), in any
     layout; a dimension of size 1 may have any stride."""
     device = require_op(backend, "cross_entropy")
-    x = _single_class_inputs(device)[layout].to(device)
+    x = _single_class_inputs()[layout].to(device)
     class_shape = x.shape[:1] + x.shape[2:] if x.dim() >= 2 else ()
     y = torch.zeros(class_shape, dtype=torch.long, device=device)
     if y.dim() > 0:
