@@ -2,8 +2,9 @@
 // columns of logits split over the classes (docs/architecture.md, "Vocab-parallel
 // cross-entropy"); the ops layer combines the ranks' row statistics with two all-reduces.
 //
-// Math (fusedopt/math_loss.h), per row, over the local columns j of a rank holding the
-// classes [offset, offset + C) of num_classes, x = s tanh(l/s) with soft-capping:
+// Math (fusedopt/math_vocab_parallel.h, shared with csrc/cuda/vocab_parallel.cu), per row,
+// over the local columns j of a rank holding the classes [offset, offset + C) of
+// num_classes, x = s tanh(l/s) with soft-capping:
 //   row stats  = [max_j x_j, sum_j exp(x_j - max), x_y if y is local else 0,
 //                 sum_j w_j x_j (smoothing, else 0)]
 //   soft target: [max, sum exp, sum_j r_j x_j, sum_j r_j],
@@ -23,13 +24,13 @@
 #include <type_traits>
 
 #include "fusedopt/cpu_vocab_parallel.h"
+#include "fusedopt/math_vocab_parallel.h"
 #include "loss_lanes.h"
 
 namespace fusedopt::cpu {
 namespace {
 
-using loss_math::shifted_exp;
-using loss_math::softcap_slope;
+using vocab_math::grad_value;
 
 // r_j = w_j ((1-eps) q_j + eps/num_classes) of kLanes classes from column j (0 past n).
 template <bool kWeighted, typename T>
@@ -50,12 +51,13 @@ const T* row_of(const void* base, int64_t stride, int64_t row) {
 // kSmooth: 0 no smoothing, 1 smoothing without class weights, 2 with class weights.
 template <typename T, bool kCap, int kSmooth>
 FO_LOSS_CLONES void class_stats_row(const VocabParallelParams& p, int64_t row, int64_t y) {
-  const int64_t n_cols = p.n_cols, local = y - p.class_offset;
+  const int64_t n_cols = p.n_cols;
+  const int64_t local = vocab_math::owned_column(y, p.class_offset, n_cols);
   const float cap = p.softcap;
   const T* in = row_of<T>(p.logits, p.logits_row_stride, row);
   const int64_t full = n_cols - n_cols % kLanes, rest = n_cols - full;
   float x_y = 0.0f;
-  if (local >= 0 && local < n_cols) {
+  if (local >= 0) {
     x_y = to_float(in[local]);
     if (kCap) x_y = loss_math::softcap_value(x_y, cap);
   }
@@ -74,7 +76,7 @@ FO_LOSS_CLONES void class_stats_row(const VocabParallelParams& p, int64_t row, i
     if (kSmooth)
       for (int l = 0; l < rest; ++l) swx[l] += (kSmooth == 2 ? p.weight[full + l] : 1.0f) * x[l];
   }
-  float* out = p.stats + row * 4;
+  float* out = p.stats + row * kVocabStatsWidth;
   lse.finish(out[0], out[1]);
   out[2] = x_y;
   out[3] = kSmooth ? lane_sum(swx) : 0.0f;
@@ -103,7 +105,7 @@ FO_LOSS_CLONES void soft_stats_row(const VocabParallelParams& p, int64_t row) {
       sr[l] += r[l];
     }
   }
-  float* out = p.stats + row * 4;
+  float* out = p.stats + row * kVocabStatsWidth;
   lse.finish(out[0], out[1]);
   out[2] = lane_sum(srx);
   out[3] = lane_sum(sr);
@@ -111,11 +113,12 @@ FO_LOSS_CLONES void soft_stats_row(const VocabParallelParams& p, int64_t row) {
 
 template <typename T, bool kCap, int kSmooth>
 FO_LOSS_CLONES void class_grad_row(const VocabParallelParams& p, int64_t row, int64_t y) {
-  const int64_t n_cols = p.n_cols, local = y - p.class_offset;
-  const bool owned = local >= 0 && local < n_cols;
+  const int64_t n_cols = p.n_cols;
+  const int64_t local = vocab_math::owned_column(y, p.class_offset, n_cols);
+  const bool owned = local >= 0;
   const float cap = p.softcap;
-  const float* k = p.coefs + row * 5;
-  const float row_max = k[0], coef = k[2] / loss_math::fexp(k[1]), b = k[3], c = k[4];
+  const vocab_math::GradRow k = vocab_math::grad_row(p.coefs + row * kVocabCoefsWidth);
+  const float c = k.c;
   const T* in = row_of<T>(p.logits, p.logits_row_stride, row);
   T* out = static_cast<T*>(p.grad) + row * p.grad_row_stride;
   const float x_y = owned ? (kCap ? loss_math::softcap_value(to_float(in[local]), cap)
@@ -132,9 +135,7 @@ FO_LOSS_CLONES void class_grad_row(const VocabParallelParams& p, int64_t row, in
     for (int l = 0; l < kLanes; ++l) {
       float t = kSmooth == 1 ? c : 0.0f;
       if (kSmooth == 2) t = l < n ? c * p.weight[j + l] : 0.0f;
-      float v = shifted_exp(x[l], row_max) * coef - t;
-      if (kCap) v *= softcap_slope(x[l], cap);
-      g[l] = v;
+      g[l] = grad_value<kCap>(x[l], k, t, cap);
     }
     if (n == kLanes)
       store_lanes(out + j, g);
@@ -142,10 +143,8 @@ FO_LOSS_CLONES void class_grad_row(const VocabParallelParams& p, int64_t row, in
       store_tail(out + j, n, g);
   }
   if (owned) {  // the target column again, its whole term in fp32
-    const float t_y = (kSmooth == 1 ? c : kSmooth == 2 ? c * p.weight[local] : 0.0f) + b;
-    float g_y = shifted_exp(x_y, row_max) * coef - t_y;
-    if (kCap) g_y *= softcap_slope(x_y, cap);
-    out[local] = from_float<T>(g_y);
+    const float t_y = (kSmooth == 1 ? c : kSmooth == 2 ? c * p.weight[local] : 0.0f) + k.b;
+    out[local] = from_float<T>(grad_value<kCap>(x_y, k, t_y, cap));
   }
 }
 
@@ -153,8 +152,7 @@ template <typename T, bool kCap, bool kWeighted>
 FO_LOSS_CLONES void soft_grad_row(const VocabParallelParams& p, int64_t row) {
   const int64_t n_cols = p.n_cols;
   const float cap = p.softcap, eps = p.label_smoothing, inv = 1.0f / float(p.num_classes);
-  const float* k = p.coefs + row * 5;
-  const float row_max = k[0], coef = k[2] / loss_math::fexp(k[1]), c = k[4];
+  const vocab_math::GradRow k = vocab_math::grad_row(p.coefs + row * kVocabCoefsWidth);
   const T* in = row_of<T>(p.logits, p.logits_row_stride, row);
   const T* q = row_of<T>(p.target, p.target_row_stride, row);
   T* out = static_cast<T*>(p.grad) + row * p.grad_row_stride;
@@ -167,10 +165,7 @@ FO_LOSS_CLONES void soft_grad_row(const VocabParallelParams& p, int64_t row) {
     else
       load_tail<kCap>(in + j, n, cap, 0.0f, x);
     soft_weights<kWeighted>(q + j, at(p.weight, j), n, eps, inv, r);
-    for (int l = 0; l < kLanes; ++l) {
-      g[l] = shifted_exp(x[l], row_max) * coef - c * r[l];
-      if (kCap) g[l] *= softcap_slope(x[l], cap);
-    }
+    for (int l = 0; l < kLanes; ++l) g[l] = grad_value<kCap>(x[l], k, k.c * r[l], cap);
     if (n == kLanes)
       store_lanes(out + j, g);
     else
@@ -189,15 +184,6 @@ void class_rows(const VocabParallelParams& p, int num_threads, const Body& body,
     else
       body(row, y);
   });
-}
-
-int check(const VocabParallelParams& p) {
-  if (!valid_dtype(p.dtype)) return kLossBadDType;
-  if (!p.soft_target && !valid_index_type(p.index_type)) return kLossBadIndexType;
-  if (p.n_rows < 0 || p.n_cols < 1 || p.class_offset < 0 ||
-      p.num_classes < p.class_offset + p.n_cols)
-    return kLossBadShape;
-  return kLossOk;
 }
 
 // f(T, kCap, kSmooth or kWeighted as an integral_constant) for the params' flags.
@@ -220,7 +206,7 @@ void dispatch(const VocabParallelParams& p, const F& f) {
 }  // namespace
 
 int vocab_parallel_row_stats(const VocabParallelParams& p, int num_threads) {
-  if (const int status = check(p)) return status;
+  if (const int status = check_vocab_parallel(p, VocabParallelPass::kRowStats)) return status;
   dispatch(p, [&](auto t, auto cap, auto mode) {
     using T = decltype(t);
     constexpr bool kCap = decltype(cap)::value;
@@ -233,18 +219,14 @@ int vocab_parallel_row_stats(const VocabParallelParams& p, int num_threads) {
       class_rows(
           p, num_threads,
           [&](int64_t row, int64_t y) { class_stats_row<T, kCap, kMode>(p, row, y); },
-          [&](int64_t row) {
-            float* out = p.stats + row * 4;
-            out[0] = -loss_math::kInf;
-            out[1] = out[2] = out[3] = 0.0f;
-          });
+          [&](int64_t row) { vocab_math::empty_stats(p.stats + row * kVocabStatsWidth); });
     }
   });
   return kLossOk;
 }
 
 int vocab_parallel_grad(const VocabParallelParams& p, int num_threads) {
-  if (const int status = check(p)) return status;
+  if (const int status = check_vocab_parallel(p, VocabParallelPass::kGrad)) return status;
   dispatch(p, [&](auto t, auto cap, auto mode) {
     using T = decltype(t);
     constexpr bool kCap = decltype(cap)::value;

@@ -12,7 +12,13 @@ namespace fusedopt {
 enum class IndexType : int { kInt64 = 0, kInt32 = 1, kUInt8 = 2 };
 
 // Error codes returned by the CPU entry points (0 = success).
-enum LossStatus : int { kLossOk = 0, kLossBadDType = 1, kLossBadIndexType = 2, kLossBadShape = 3 };
+enum LossStatus : int {
+  kLossOk = 0,
+  kLossBadDType = 1,
+  kLossBadIndexType = 2,
+  kLossBadShape = 3,
+  kLossMissingAddress = 4,
+};
 
 struct CrossEntropyParams {
   const void* logits = nullptr;  // (n_rows, n_cols), class dim contiguous, dtype `dtype`
