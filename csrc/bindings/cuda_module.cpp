@@ -15,4 +15,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("driver_version", &fusedopt::cuda::driver_version);
   fusedopt::bind::register_cuda_losses(m);
   fusedopt::bind::register_cuda_optim(m);
+  fusedopt::bind::register_cuda_vocab_parallel(m);
 }
