@@ -62,12 +62,13 @@ declare -A CAP=([build]=150 [info]=30 [gpu-tests]=150 [memcheck]=90 [bench-quick
 # vector and element optimizer paths, launch splits); the full run takes all of them but
 # the 2^20-row grid-stride case (minutes when instrumented).
 CUDA_TESTS=("$REPO/tests/backends/test_cuda_losses.py" "$REPO/tests/backends/test_cuda_focal.py"
-            "$REPO/tests/backends/test_cuda_optim.py")
+            "$REPO/tests/backends/test_cuda_optim.py"
+            "$REPO/tests/ops/test_vocab_parallel_kernels.py")
 SANITIZER_SUBSET="(every_flag and 20001) or (vocab_sizes and (16384 or 128256))
     or (misaligned_rows and 40000) or strided_rows or out_of_range_targets
     or (test_focal_loss and 16385) or focal_strided or (test_sigmoid_focal_loss and 12293)
     or sigmoid_focal_misaligned or (scale_grad and 999) or adam_matches or sgd_matches
-    or (misaligned_tensors and fp32) or many_tensors"
+    or (misaligned_tensors and fp32) or many_tensors or (vocab_every_flag and ragged and WSZC)"
 SANITIZER_ALL="not more_rows_than_blocks"
 
 "$PY" - <<'EOF' || { echo "gpu_check.sh: $PY lacks what the build needs" >&2; exit 1; }
