@@ -7,7 +7,9 @@ tensors become addresses, element strides and dtype codes, and the last argument
 backend's own (`num_threads` on cpu, the current stream on cuda).  This is the kernel
 boundary: every tensor is checked here -- exact ``torch.Tensor`` type, device, dtype,
 shape and the strides the kernels walk -- before its address is taken.  Nothing here reads
-a tensor's values and nothing synchronises.
+a tensor's values and nothing synchronises.  An ``nn.Parameter`` is a plain tensor with a
+flag and is accepted; any other subclass (DTensor, FakeTensor, wrappers whose data pointer is
+not their data) is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fusedopt.backends._ptr import dtype_code
 
 _F32 = torch.float32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 STATS_WIDTH, COEFS_WIDTH = 4, 5  # kVocabStatsWidth, kVocabCoefsWidth
 
 
@@ -51,7 +54,7 @@ class VocabParallelLauncher:
 
     def _plain(self, name: str, t, device: torch.device | None = None) -> None:
         where = "CPU" if self.device_type == "cpu" else "CUDA"
-        if type(t) is not torch.Tensor or t.device.type != self.device_type:
+        if type(t) not in _PLAIN_TYPES or t.device.type != self.device_type:
             raise TypeError(f"{name} must be a plain {where} torch.Tensor, got "
                             f"{type(t).__name__} on {getattr(t, 'device', '?')}")
         if device is not None and t.device != device:

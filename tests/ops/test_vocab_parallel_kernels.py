@@ -253,6 +253,10 @@ def test_vocab_kernel_boundary_refuses_bad_tensors(kernel):
     refused(ValueError, "coefs", x, y, w, coefs[:, :4], grad=True)
     refused(ValueError, "coefs", x, y, w, coefs.t().contiguous().t(), grad=True)
     refused(TypeError, plain, x, y, w, coefs.as_subclass(Subclass), grad=True)
+    # an nn.Parameter is a plain tensor with a flag
+    param = impl.vocab_parallel_row_stats(torch.nn.Parameter(x), y, torch.nn.Parameter(w),
+                                          **shard)
+    assert torch.equal(param, impl.vocab_parallel_row_stats(x, y, w, **shard))
 
 
 # ------------------------------------------------------------------------------ GPU only
