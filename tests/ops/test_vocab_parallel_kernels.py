@@ -226,7 +226,7 @@ def test_vocab_kernel_boundary_refuses_bad_tensors(kernel):
     shard = dict(class_offset=0, num_classes=6, ignore_index=IGNORE, label_smoothing=0.1,
                  softcap=None, soft_target=False)
     coefs = torch.zeros(4, 5, device=device)
-    plain = "plain CPU torch.Tensor" if device.type == "cpu" else "plain CUDA torch.Tensor"
+    plain = "must be a plain torch.Tensor"
 
     class Subclass(torch.Tensor):
         pass
@@ -246,17 +246,31 @@ def test_vocab_kernel_boundary_refuses_bad_tensors(kernel):
     refused(ValueError, "must lie in", x, y, w, class_offset=-1)
     refused(ValueError, "weight", x, y, torch.ones(7, device=device))
     refused(ValueError, "weight", x, y, w.double())
-    refused(TypeError, "class targets", x, y.float(), w)
+    refused(TypeError, "target must be int64", x, y.float(), w)
     refused(ValueError, "class targets", x, y[:3], w)
-    refused(TypeError, "soft targets", x, x.double(), w, soft_target=True)
+    refused(ValueError, "soft targets", x, x.double(), w, soft_target=True)
     refused(ValueError, "soft targets", x, x[:, :5], w, soft_target=True)
     refused(ValueError, "coefs", x, y, w, coefs[:, :4], grad=True)
     refused(ValueError, "coefs", x, y, w, coefs.t().contiguous().t(), grad=True)
     refused(TypeError, plain, x, y, w, coefs.as_subclass(Subclass), grad=True)
+    refused(ValueError, "negated", torch._neg_view(x), y, w)
+    freed = x.clone()
+    view = freed[:, :]
+    freed.untyped_storage().resize_(0)
+    refused(ValueError, "past the end of its storage", view, y, w)
+    refused(ValueError, "ignore_index", x, y, w, ignore_index=2 ** 63)
+    refused(ValueError, "softcap", x, y, w, softcap=0.0)
     # an nn.Parameter is a plain tensor with a flag
     param = impl.vocab_parallel_row_stats(torch.nn.Parameter(x), y, torch.nn.Parameter(w),
                                           **shard)
     assert torch.equal(param, impl.vocab_parallel_row_stats(x, y, w, **shard))
+    # a one-column shard may have any column stride: it is never stepped over
+    column = x.t().contiguous().t()[:, 2:3]
+    assert column.stride() == (1, 4)
+    got = impl.vocab_parallel_row_stats(column, y, w[2:3], **dict(shard, class_offset=2))
+    want = impl.vocab_parallel_row_stats(column.contiguous(), y, w[2:3],
+                                         **dict(shard, class_offset=2))
+    assert torch.equal(got, want)
 
 
 # ------------------------------------------------------------------------------ GPU only
@@ -322,12 +336,14 @@ def test_vocab_cuda_launcher_refuses_tensors_on_other_devices(cuda_kernel):
     shard = dict(class_offset=0, num_classes=6, ignore_index=IGNORE, label_smoothing=0.1,
                  softcap=None, soft_target=False)
     coefs = torch.zeros(4, 5, device=device)
-    with pytest.raises(TypeError, match="plain CUDA torch.Tensor"):
+    with pytest.raises(ValueError, match="the logits' device"):
         impl.vocab_parallel_row_stats(x, y.cpu(), w, **shard)
-    with pytest.raises(TypeError, match="plain CUDA torch.Tensor"):
+    with pytest.raises(ValueError, match="the logits' device"):
         impl.vocab_parallel_row_stats(x, y, w.cpu(), **shard)
-    with pytest.raises(TypeError, match="plain CUDA torch.Tensor"):
+    with pytest.raises(ValueError, match="the logits' device"):
         impl.vocab_parallel_grad(x, y, w, coefs.cpu(), inplace=False, **shard)
+    with pytest.raises(ValueError, match="runs on cuda tensors"):
+        impl.vocab_parallel_row_stats(x.cpu(), y, w, **shard)
     if torch.cuda.device_count() > 1:
         with pytest.raises(ValueError, match="the logits' device"):
             impl.vocab_parallel_row_stats(x, y, w.to("cuda:1"), **shard)

@@ -107,7 +107,7 @@ def test_cpu_kernel_boundary_refuses_bad_tensors():
     class Subclass(torch.Tensor):
         pass
 
-    with pytest.raises(TypeError, match="plain CPU torch.Tensor"):
+    with pytest.raises(TypeError, match="plain torch.Tensor"):
         impl.vocab_parallel_row_stats(x.as_subclass(Subclass), y, None, **shard)
     with pytest.raises(ValueError, match="stride"):
         impl.vocab_parallel_row_stats(torch.randn(6, 4).t(), y, None, **shard)
@@ -115,7 +115,7 @@ def test_cpu_kernel_boundary_refuses_bad_tensors():
         impl.vocab_parallel_row_stats(x, y, None, **dict(shard, class_offset=2))
     with pytest.raises(ValueError, match="weight"):
         impl.vocab_parallel_row_stats(x, y, torch.ones(7), **shard)
-    with pytest.raises(TypeError, match="class targets"):
+    with pytest.raises(TypeError, match="target must be int64"):
         impl.vocab_parallel_row_stats(x, y.float(), None, **shard)
     with pytest.raises(ValueError, match="coefs"):
         impl.vocab_parallel_grad(x, y, None, torch.zeros(4, 4), inplace=False, **shard)
