@@ -25,7 +25,7 @@ import sys
 import torch
 
 from fusedopt import _cpu
-from fusedopt.backends.cpu import losses, optim
+from fusedopt.backends.cpu import losses, optim, vocab_parallel
 
 _R_X86_64_IRELATIVE, _SHT_SYMTAB, _SHT_RELA, _PT_GNU_RELRO = 37, 2, 4, 0x6474E552
 
@@ -161,6 +161,18 @@ def run_losses(h):
                 _digest(h, *losses.focal_loss_fwd(x, target, w, scales, gamma=gamma,
                                                   ignore_index=-100, label_smoothing=0.1,
                                                   need_grad=True))
+            for tgt, is_soft in [(target, False), (soft, True)]:  # one rank's columns
+                lo, hi = 300, 1000
+                shard = dict(class_offset=lo, num_classes=c, ignore_index=-100,
+                             label_smoothing=0.1, softcap=7.0, soft_target=is_soft)
+                local = tgt[:, lo:hi] if is_soft else tgt
+                local_w = None if w is None else w[lo:hi]
+                stats = vocab_parallel.vocab_parallel_row_stats(x[:, lo:hi], local, local_w,
+                                                                **shard)
+                coefs = torch.rand(n, 5, generator=gen)
+                coefs[:, 0] = stats[:, 0]
+                _digest(h, stats, vocab_parallel.vocab_parallel_grad(
+                    x[:, lo:hi], local, local_w, coefs, inplace=False, **shard))
         probs = torch.rand(n, c, generator=gen).to(dtype)
         for reduce in (False, True):
             _digest(h, *losses.sigmoid_focal_loss_fwd(x.contiguous(), probs, scales, alpha=0.25,
