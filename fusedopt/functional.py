@@ -1,6 +1,6 @@
 """Public loss functions: validate every argument, then call the op (fusedopt.ops).
 
-Every check of SPEC §3 that needs no device data happens here, before any kernel runs, and
+Every check that needs no device data happens here, before any kernel runs, and
 the error names the argument, its value and what was expected.  The one check that reads
 data -- class targets outside [0, C) -- runs inside the op right before the backend (for
 CPU tensors always, for CUDA tensors under FUSEDOPT_CHECK=1), so it also holds under
@@ -16,21 +16,32 @@ import torch
 
 from fusedopt import backends, ops
 from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
+from fusedopt.ops import _common
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOSS_DTYPES = _INPUT_DTYPES + (torch.float64,)  # float64: the torch backend, float64 math
 _CLASS_TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
 _REDUCTIONS = ("none", "mean", "sum")
 _FP32 = torch.finfo(torch.float32)  # the kernels use every float argument in fp32
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
-def _check_input(input):
+def _check_input(input, dtypes=_INPUT_DTYPES):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"input must be float32, bfloat16 or float16, got {input.dtype}")
+    if input.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"input must be {names}, got {input.dtype}")
+
+
+def _check_backend_dtype(op, input, backend):
+    """A backend named here whose kernels cannot take float64 logits: TypeError now (a
+    FUSEDOPT_BACKEND one is refused where the op resolves it)."""
+    if input.dtype == torch.float64 and backend is not None and \
+            backend not in _common.FLOAT64_BACKENDS:
+        raise _common.float64_refusal(op, backend)
 
 
 def _check_same_device(input, name, tensor):
@@ -71,7 +82,7 @@ def _check_common(reduction, label_smoothing, backend):
 
 def _check_classes(input, target, ignore_index, *, allow_soft):
     """Check input/target of a class loss; returns True for a probability (soft) target."""
-    _check_input(input)
+    _check_input(input, _LOSS_DTYPES)
     if input.dim() == 0:
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ..., dk), "
                          "got a 0-dim tensor")
@@ -123,12 +134,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                   label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
                   backend=None):
     """Softmax cross-entropy, equal to torch.nn.functional.cross_entropy (value and gradient)
-    when z_loss=0 and softcap=None; see SPEC §1 for z_loss, softcap and inplace_backward."""
+    when z_loss=0 and softcap=None; z_loss, softcap, inplace_backward and float64 inputs:
+    docs/losses.md."""
     _check_common(reduction, label_smoothing, backend)
     soft_target = _check_classes(input, target, ignore_index, allow_soft=True)
-    if soft_target and target.requires_grad and torch.is_grad_enabled():
-        raise ValueError("target: probability targets that require grad are not supported "
-                         "(no gradient flows to the target); pass target.detach()")
+    _check_backend_dtype("cross_entropy", input, backend)
     if weight is not None:
         _check_class_vector(input, "weight", weight)
     _check_number("z_loss", z_loss, low=0.0)
@@ -148,9 +158,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 def focal_loss(input, target, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean",
                label_smoothing=0.0, *, backend=None):
-    """Softmax focal loss -Σ_c α_c q_c (1-p_c)^γ log p_c per row (SPEC §1)."""
+    """Softmax focal loss -Σ_c α_c q_c (1-p_c)^γ log p_c per row (docs/losses.md)."""
     _check_common(reduction, label_smoothing, backend)
     _check_classes(input, target, ignore_index, allow_soft=False)
+    _check_backend_dtype("focal_loss", input, backend)
     _check_number("gamma", gamma, low=0.0)
     _check_fp32_range("gamma", gamma, 0.0, _FP32.max)
     if isinstance(alpha, torch.Tensor):
@@ -172,7 +183,8 @@ def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *
                        label_smoothing=0.0, backend=None):
     """torchvision.ops.sigmoid_focal_loss (RetinaNet), with optional label smoothing."""
     _check_common(reduction, label_smoothing, backend)
-    _check_input(input)
+    _check_input(input, _LOSS_DTYPES)
+    _check_backend_dtype("sigmoid_focal_loss", input, backend)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     _check_same_device(input, "target", target)

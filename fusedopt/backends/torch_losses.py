@@ -2,8 +2,9 @@
 
 The readable statement of the loss math, and the fallback on every device.  Everything is
 computed in fp32 (bf16/fp16 logits are upcast: this backend may materialise fp32 copies,
-the kernels may not); the gradient is formed analytically in fp32 and rounded once to the
-logits' dtype.
+the kernels may not), and float64 logits in float64 (the one backend that takes them: row
+losses, weights, alpha and scales are then float64 too); the gradient is formed
+analytically and rounded once to the logits' dtype.
 
 cross_entropy_fwd, per row (x = softcap·tanh(l/softcap) or l, lse = logsumexp(x),
 p = softmax(x), w = class weights or 1, ε = label smoothing, c = z-loss coefficient,
@@ -46,7 +47,9 @@ __all__ = ["cross_entropy_fwd", "focal_loss_fwd", "sigmoid_focal_loss_fwd"]
 
 OPS: frozenset[str] = frozenset({"cross_entropy", "focal_loss", "sigmoid_focal_loss"})
 
-_F32 = torch.float32
+def _acc(logits):
+    """The dtype the math runs in: float64 for float64 logits, else fp32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _class_rows(target, ignore_index, n_cols):
@@ -59,7 +62,7 @@ def _class_rows(target, ignore_index, n_cols):
 
 def _finish(row_loss, grad, logits, valid, bad, inplace, need_grad):
     """Zero ignored rows, NaN out-of-range rows, round the gradient into the logits' dtype."""
-    nan = torch.full((), float("nan"), dtype=_F32, device=row_loss.device)
+    nan = torch.full((), float("nan"), dtype=row_loss.dtype, device=row_loss.device)
     row_loss = torch.where(valid, row_loss, 0.0)
     row_loss = torch.where(bad, nan, row_loss)
     if not need_grad:
@@ -77,7 +80,7 @@ def cross_entropy_fwd(logits, target, weight, scales, *, ignore_index, label_smo
     n_rows, n_cols = logits.shape
     eps = float(label_smoothing)
     s_ce, s_z = scales[0], scales[1]
-    raw = logits.to(_F32)
+    raw = logits.to(_acc(logits))
     if softcap is not None:
         capped = torch.tanh(raw / softcap)
         x = softcap * capped
@@ -91,10 +94,10 @@ def cross_entropy_fwd(logits, target, weight, scales, *, ignore_index, label_smo
     log_p = shifted - log_sum
     p = torch.exp(log_p)
     lse = (row_max + log_sum).squeeze(1)
-    w = weight.to(_F32) if weight is not None else None
+    w = weight.to(x.dtype) if weight is not None else None
 
     if soft_target:
-        r = (1.0 - eps) * target.to(_F32) + eps / n_cols
+        r = (1.0 - eps) * target.to(x.dtype) + eps / n_cols
         if w is not None:
             r = r * w
         sum_r = r.sum(dim=1)
@@ -107,7 +110,8 @@ def cross_entropy_fwd(logits, target, weight, scales, *, ignore_index, label_smo
         y, valid, bad = _class_rows(target, ignore_index, n_cols)
         log_p_y = log_p.gather(1, y[:, None]).squeeze(1)
         w_y = w[y] if w is not None else torch.ones_like(lse)
-        sum_w = w.sum() if w is not None else torch.tensor(float(n_cols), device=x.device)
+        sum_w = w.sum() if w is not None else torch.tensor(float(n_cols), dtype=x.dtype,
+                                                             device=x.device)
         ce = -(1.0 - eps) * w_y * log_p_y
         if eps > 0:  # (skipped at eps = 0 so that -inf logits give 0, not 0 * -inf)
             sum_w_log_p = (log_p * w).sum(dim=1) if w is not None else log_p.sum(dim=1)
@@ -131,15 +135,16 @@ def focal_loss_fwd(logits, target, alpha, scales, *, gamma, ignore_index, label_
     n_rows, n_cols = logits.shape
     eps = float(label_smoothing)
     scale = scales[0]
-    x = logits.to(_F32)
+    x = logits.to(_acc(logits))
     log_p = torch.log_softmax(x, dim=1)
     p = torch.exp(log_p)
     u = -torch.expm1(log_p)
     y, valid, bad = _class_rows(target, ignore_index, n_cols)
     q = torch.full_like(x, eps / n_cols)
-    q.scatter_add_(1, y[:, None], torch.full((n_rows, 1), 1.0 - eps, device=x.device))
+    q.scatter_add_(1, y[:, None], torch.full((n_rows, 1), 1.0 - eps, dtype=x.dtype,
+                                             device=x.device))
     if alpha is not None:
-        q = q * alpha.to(_F32)
+        q = q * alpha.to(x.dtype)
     u_pow = u.pow(gamma)
     # Terms with alpha_c q_c = 0 contribute nothing, even where log p = -inf.  A negative
     # alpha_c is used as the formula stands (docs/losses.md).
@@ -156,8 +161,8 @@ def focal_loss_fwd(logits, target, alpha, scales, *, gamma, ignore_index, label_
 def sigmoid_focal_loss_fwd(logits, target, scales, *, alpha, gamma, label_smoothing, reduce,
                            need_grad):
     scale = scales[0]
-    x = logits.to(_F32)
-    t = target.to(_F32) * (1.0 - label_smoothing) + label_smoothing / 2.0
+    x = logits.to(_acc(logits))
+    t = target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / 2.0
     p = torch.sigmoid(x)
     one_minus_p = torch.sigmoid(-x)
     m = p * (1.0 - t) + one_minus_p * t

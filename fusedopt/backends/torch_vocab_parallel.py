@@ -22,8 +22,9 @@ vocab_parallel_grad(coefs (N, 5) fp32 = [row_max, log_sum, a, b, c]) -> (N, C_lo
     soft:  t_j = c·r_j
 
 The same math as cross_entropy_fwd (torch_losses.py) with the row statistics of the full
-row.  Everything in fp32 (this backend may materialise fp32 copies of the slice), the
-gradient rounded once into the logits' dtype.
+row.  Everything in fp32 (this backend may materialise fp32 copies of the slice), float64
+for float64 logits (stats and coefs are then float64), the gradient rounded once into the
+logits' dtype.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ __all__ = ["vocab_parallel_row_stats", "vocab_parallel_grad"]
 
 OPS: frozenset[str] = frozenset({"vocab_parallel_cross_entropy"})
 
-_F32 = torch.float32
+def _acc(logits):
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _capped(logits, softcap):
-    x = logits.to(_F32)
+    x = logits.to(_acc(logits))
     if softcap is None:
         return x, None
     capped = torch.tanh(x / softcap)
@@ -46,7 +48,7 @@ def _capped(logits, softcap):
 
 
 def _soft_weights(target, weight, label_smoothing, num_classes):
-    r = (1.0 - label_smoothing) * target.to(_F32) + label_smoothing / num_classes
+    r = (1.0 - label_smoothing) * target.to(_acc(target)) + label_smoothing / num_classes
     return r * weight if weight is not None else r
 
 
@@ -61,7 +63,7 @@ def _local_targets(target, class_offset, n_local, ignore_index):
 def vocab_parallel_row_stats(logits, target, weight, *, class_offset, num_classes, ignore_index,
                              label_smoothing, softcap, soft_target):
     n_rows, n_local = logits.shape
-    stats = torch.zeros(n_rows, 4, dtype=_F32, device=logits.device)
+    stats = torch.zeros(n_rows, 4, dtype=_acc(logits), device=logits.device)
     if n_local == 0:
         stats[:, 0] = float("-inf")
         return stats
@@ -91,7 +93,7 @@ def vocab_parallel_grad(logits, target, weight, coefs, *, class_offset, num_clas
     if soft_target:
         grad.sub_(c[:, None] * _soft_weights(target, weight, label_smoothing, num_classes))
     else:
-        smooth = weight if weight is not None else torch.ones((), dtype=_F32, device=x.device)
+        smooth = weight if weight is not None else torch.ones((), dtype=x.dtype, device=x.device)
         grad.sub_(c[:, None] * smooth)
         local, owned = _local_targets(target, class_offset, n_local, ignore_index)
         if n_local > 0:

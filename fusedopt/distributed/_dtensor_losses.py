@@ -134,7 +134,7 @@ class _VocabParallelRows:
         self.mesh_dim = mesh_dim
 
     def apply(self, logits, target, weight, scales, ignore_index, label_smoothing, z_loss,
-              softcap, soft_target, reduction, need_grad, inplace, backend):
+              softcap, soft_target, reduction, need_grad, inplace, backend, recompute=None):
         mesh, placements, tp = logits.device_mesh, logits.placements, self.mesh_dim
         row_placements = [Replicate() if d == tp else p for d, p in enumerate(placements)]
         target = _replicated(target, mesh).redistribute(

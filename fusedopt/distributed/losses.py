@@ -72,6 +72,7 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, weight=None,
                         "fusedopt.cross_entropy takes DTensor logits split over the classes")
     _checks._check_common(reduction, label_smoothing, backend)
     soft_target = _checks._check_classes(local_logits, target, ignore_index, allow_soft=True)
+    _checks._check_backend_dtype("vocab_parallel_cross_entropy", local_logits, backend)
     if soft_target and target.requires_grad and torch.is_grad_enabled():
         raise ValueError("target: probability targets that require grad are not supported "
                          "(no gradient flows to the target); pass target.detach()")

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from fusedopt.ops import _common
 
-_F32 = torch.float32
 _OP = "vocab_parallel_cross_entropy"
 
 
@@ -80,7 +79,7 @@ def _combine(stats, target, weight, scales, all_reduce, num_classes, ignore_inde
         c = (s_ce * (eps / n_classes)).expand_as(lse)
     if z_loss:
         a = a + 2.0 * s_z * z_loss * lse
-    nan = torch.full((), float("nan"), dtype=_F32, device=lse.device)
+    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
     row_loss = torch.where(valid, s_ce * ce + s_z * z_loss * lse * lse, 0.0)
     row_loss = torch.where(bad, nan, row_loss)
     coefs = torch.stack([row_max, log_sum, torch.where(bad, nan, a), b, c], dim=1)
@@ -89,11 +88,11 @@ def _combine(stats, target, weight, scales, all_reduce, num_classes, ignore_inde
 
 def _run(logits, target, weight, scales, group_name, class_offset, num_classes, ignore_index,
          label_smoothing, z_loss, softcap, soft_target, need_grad, inplace, backend):
-    impl = _common.backend_module(_OP, logits.device, backend)
+    impl = _common.backend_module(_OP, logits.device, backend, logits.dtype)
     if not soft_target:
         _common.check_class_targets(target, num_classes, ignore_index)
     if logits.shape[0] == 0:  # every rank of the group holds the same rows: all return here
-        return logits.new_empty(0, dtype=_F32), None
+        return logits.new_empty(0, dtype=_common.accumulation_dtype(logits.dtype)), None
     n_local = logits.shape[1]
     local_weight = None if weight is None else weight[class_offset:class_offset + n_local]
     shard = dict(class_offset=class_offset, num_classes=num_classes, ignore_index=ignore_index,
@@ -113,7 +112,8 @@ def vocab_parallel_cross_entropy_fwd(
         group_name: str, class_offset: int, num_classes: int, ignore_index: int,
         label_smoothing: float, z_loss: float, softcap: Optional[float], soft_target: bool,
         need_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(row_loss fp32 (N,), grad (N, C_local) in the logits' dtype, or (0,) without need_grad)."""
+    """(row_loss (N,) in the accumulation dtype (fp32; float64 for float64 logits), grad
+    (N, C_local) in the logits' dtype, or (0,) without need_grad)."""
     row_loss, grad = _run(logits, target, weight, scales, group_name, class_offset,
                           num_classes, ignore_index, label_smoothing, z_loss, softcap,
                           soft_target, need_grad, False, backend)
@@ -125,7 +125,7 @@ def vocab_parallel_cross_entropy_fwd(
 @vocab_parallel_cross_entropy_fwd.register_fake
 def _(logits, target, weight, scales, group_name, class_offset, num_classes, ignore_index,
       label_smoothing, z_loss, softcap, soft_target, need_grad, backend):
-    row_loss = logits.new_empty(logits.shape[0], dtype=_F32)
+    row_loss = logits.new_empty(logits.shape[0], dtype=_common.accumulation_dtype(logits.dtype))
     return row_loss, logits.new_empty(logits.shape if need_grad else (0,))
 
 
@@ -136,7 +136,8 @@ def vocab_parallel_cross_entropy_fwd_inplace(
         group_name: str, class_offset: int, num_classes: int, ignore_index: int,
         label_smoothing: float, z_loss: float, softcap: Optional[float], soft_target: bool,
         backend: str) -> Tensor:
-    """row_loss fp32 (N,); the gradient of the local columns overwrites `logits`."""
+    """row_loss (N,) in the accumulation dtype; the gradient of the local columns overwrites
+    `logits`."""
     row_loss, _ = _run(logits, target, weight, scales, group_name, class_offset, num_classes,
                        ignore_index, label_smoothing, z_loss, softcap, soft_target, True, True,
                        backend)
@@ -146,12 +147,14 @@ def vocab_parallel_cross_entropy_fwd_inplace(
 @vocab_parallel_cross_entropy_fwd_inplace.register_fake
 def _(logits, target, weight, scales, group_name, class_offset, num_classes, ignore_index,
       label_smoothing, z_loss, softcap, soft_target, backend):
-    return logits.new_empty(logits.shape[0], dtype=_F32)
+    return logits.new_empty(logits.shape[0], dtype=_common.accumulation_dtype(logits.dtype))
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """(M, C_local) local logits -> fp32 row losses ('none') or their sum, identical on every
-    rank of the group; the gradient of the local columns is stored in forward."""
+    """(M, C_local) local logits -> row losses ('none') or their sum in the accumulation
+    dtype, identical on every rank of the group; the gradient of the local columns is
+    stored in forward.  A second backward (retain_graph=True) works; a differentiable one
+    (create_graph=True) is refused: its formula would need collectives in backward."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, scales, group_name, class_offset, num_classes,
@@ -170,7 +173,9 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 logits, *args, need_grad, backend)
         # backward's in-place rescale is the cross-entropy one (scale_grad_ of the backend)
         _common.keep_grad(ctx, grad if need_grad else None, reduction == "none",
-                          "cross_entropy", backend)
+                          "cross_entropy", backend,
+                          no_recompute="for vocab-parallel cross-entropy (logits split over "
+                                       "the classes)")
         return row_loss if ctx.per_row else row_loss.sum()
 
     @staticmethod
@@ -183,29 +188,34 @@ def vocab_parallel_cross_entropy(input, target, group_name, class_offset, num_cl
                                  inplace_backward, backend):
     """The loss for validated arguments on plain local tensors (see
     fusedopt.distributed.vocab_parallel_cross_entropy)."""
+    if _common.needs_formula(input):
+        raise RuntimeError("vocab_parallel_cross_entropy does not run inside torch.func "
+                           "transforms (grad, vmap, jacrev, jvp, ...) or with forward-mode AD "
+                           "tangents")
     soft_target = target.is_floating_point()
+    acc = _common.accumulation_dtype(input.dtype)
     logits = _common.as_rows(_common.to_rows(input))
     if soft_target:
         target_rows = _common.to_rows(target).to(input.dtype).contiguous()
     else:
         target_rows = target.reshape(-1).contiguous()
-    weight32 = weight.to(_F32).contiguous() if weight is not None else None
+    weight_acc = weight.to(acc).contiguous() if weight is not None else None
 
     denominator = None
     if reduction == "mean":
         if soft_target:
-            denominator = torch.full((), float(logits.shape[0]), dtype=_F32, device=input.device)
-            scales = _common.mean_scales(denominator, denominator)
+            denominator = torch.full((), float(logits.shape[0]), dtype=acc, device=input.device)
+            scales = _common.mean_scales(denominator, denominator, dtype=acc)
         else:
             denominator, n_valid = _common.class_mean_denominators(
-                target_rows, weight32, ignore_index, num_classes)
-            scales = _common.mean_scales(denominator, n_valid)
+                target_rows, weight_acc, ignore_index, num_classes, acc)
+            scales = _common.mean_scales(denominator, n_valid, dtype=acc)
     else:
-        scales = _common.unit_scales(input.device)
+        scales = _common.unit_scales(input.device, acc)
 
     need_grad = input.requires_grad and torch.is_grad_enabled()
     out = VocabParallelCrossEntropyFunction.apply(
-        logits, target_rows, weight32, scales, group_name, int(class_offset), int(num_classes),
+        logits, target_rows, weight_acc, scales, group_name, int(class_offset), int(num_classes),
         ignore_index, float(label_smoothing), float(z_loss),
         None if softcap is None else float(softcap), soft_target, reduction, need_grad,
         bool(inplace_backward), backend or "")
