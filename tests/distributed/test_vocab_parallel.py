@@ -230,3 +230,43 @@ def check_compiles(rank, world, dist_backend):
 def test_compiles_fullgraph(ranks):
     dist_backend, pool = ranks
     assert pool.run(check_compiles, dist_backend, timeout=300) == [True, True]
+
+
+def check_float64_and_autograd_patterns(rank, world, dist_backend):
+    """float64 logits (offset by 1e3, beyond fp32's digits) on the default backend: the
+    loss and gradient of F.cross_entropy in float64 to float64 rounding, for class and
+    probability targets; an fp32 backend named for them is a TypeError.  A second backward
+    (retain_graph=True) adds the same gradient again; create_graph=True and torch.func
+    transforms are refused with a message that says so (every rank alike)."""
+    device = device_for(dist_backend, rank)
+    group = _subgroup(world)
+    for name in ("everything", "soft"):
+        case = CE_CASES[name]
+        x, y, w = make_inputs(case, device, n_classes=8, dtype=torch.float64)
+        x = x + 1e3
+        kw = loss_kwargs(case, "mean")
+        local = x.chunk(world, dim=1)[rank].clone().requires_grad_()
+        target = y.chunk(world, dim=1)[rank] if y.is_floating_point() else y
+        loss = fo.vocab_parallel_cross_entropy(local, target, group, w, **kw)
+        loss.backward(retain_graph=True)
+        want, want_grad = reference_and_grad(x, y, w, **kw)
+        mine = want_grad.chunk(world, dim=1)[rank]
+        assert loss.dtype == torch.float64 and local.grad.dtype == torch.float64
+        assert_close(loss, want, f"{name}: float64 loss", rtol=1e-12, atol=1e-13)
+        assert_close(local.grad, mine, f"{name}: float64 grad", rtol=1e-12, atol=1e-13)
+        loss.backward()
+        assert_close(local.grad, 2 * mine, f"{name}: second backward", rtol=1e-12, atol=1e-13)
+        with pytest.raises(RuntimeError, match="create_graph=True.*vocab-parallel"):
+            torch.autograd.grad(fo.vocab_parallel_cross_entropy(local, target, group, w, **kw),
+                                local, create_graph=True)
+        with pytest.raises(TypeError, match="'cpu' cannot run vocab_parallel_cross_entropy "
+                                            "on float64"):
+            fo.vocab_parallel_cross_entropy(local, target, group, w, backend="cpu", **kw)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda t: fo.vocab_parallel_cross_entropy(t, target, group, w))(local)
+    return True
+
+
+def test_float64_and_autograd_patterns(ranks):
+    dist_backend, pool = ranks
+    assert pool.run(check_float64_and_autograd_patterns, dist_backend) == [True, True]

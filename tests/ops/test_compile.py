@@ -74,3 +74,19 @@ def test_compiled_none_reduction_and_inplace_backward():
     assert_close(got, want, what="loss")
     for g, w in zip(got_grads, want_grads):
         assert_close(g, w, what="grad")
+
+
+def test_compiled_float64_losses():
+    """float64 logits (the torch backend in float64) compile without a graph break and
+    equal eager to float64 rounding."""
+    torch._dynamo.reset()
+    model = Head().double()
+    x, y, t = _inputs()
+    inputs = (x.double(), y, t.double())
+    want, want_grads = _loss_and_grads(model, model, *inputs)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, got_grads = _loss_and_grads(compiled, model, *inputs)
+    assert got.dtype == torch.float64
+    assert_close(got, want, rtol=1e-12, atol=1e-14, what="loss")
+    for g, w in zip(got_grads, want_grads):
+        assert_close(g, w, rtol=1e-12, atol=1e-14, what="grad")

@@ -1,4 +1,4 @@
-"""fusedopt.focal_loss (softmax, multi-class) against the SPEC formula written out with
+"""fusedopt.focal_loss (softmax, multi-class) against its formula written out with
 float64 torch autograd, and against F.cross_entropy for gamma = 0, on every backend."""
 
 import pytest
