@@ -1,11 +1,12 @@
 """Softmax cross-entropy as an autograd Function over torch.library custom ops.
 
-``fusedopt::cross_entropy_fwd`` runs the backend's fused forward once and returns the fp32
-row losses and the gradient (in the logits' dtype); ``fusedopt::cross_entropy_fwd_inplace``
-writes the gradient into the logits' storage instead (``inplace_backward=True``).  Both
-have fake implementations, so ``torch.compile(fullgraph=True)`` traces through them.  The
-backend is chosen inside the op at run time from the name passed as a string ("" = the
-default for the device, honouring ``FUSEDOPT_BACKEND``).
+``fusedopt::cross_entropy_fwd`` runs the backend's fused forward once and returns the row
+losses (fp32; float64 for float64 logits) and the gradient (in the logits' dtype);
+``fusedopt::cross_entropy_fwd_inplace`` writes the gradient into the logits' storage
+instead (``inplace_backward=True``).  Both have fake implementations, so
+``torch.compile(fullgraph=True)`` traces through them.  The backend is chosen inside the op
+at run time from the name passed as a string ("" = the default for the device, honouring
+``FUSEDOPT_BACKEND``; float64 logits: the `torch` backend).
 
 ``CrossEntropyFunction`` keeps the gradient from forward; backward only rescales it, in
 place, by grad_output (a scalar, or one value per row for reduction='none'); a backward
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fusedopt.ops import _common, _dtensor, _formulas
+
 
 def _run(logits, target, weight, scales, ignore_index, label_smoothing, z_loss, softcap,
          soft_target, need_grad, inplace, backend):

@@ -1,7 +1,8 @@
 """Softmax (multi-class) focal loss as an autograd Function over a torch.library custom op.
 
-``fusedopt::focal_loss_fwd`` runs the backend's fused forward once: fp32 row losses
-``scale · (-Σ_c α_c q_c (1-p_c)^γ log p_c)`` and their gradient in the logits' dtype.
+``fusedopt::focal_loss_fwd`` runs the backend's fused forward once: row losses
+``scale · (-Σ_c α_c q_c (1-p_c)^γ log p_c)`` (fp32; float64 for float64 logits) and their
+gradient in the logits' dtype.
 ``FocalLossFunction`` keeps the gradient and rescales it in place by grad_output in backward
 (``_common.rescale``).  ``focal_loss`` below reshapes (C,) / (N, C, d1..dk) inputs to (M, C)
 rows, computes the 'mean' scale (1 / non-ignored rows) on the device and reduces, and forms
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fusedopt.ops import _common, _dtensor, _formulas
+
 
 @torch.library.custom_op("fusedopt::focal_loss_fwd", mutates_args=())
 def focal_loss_fwd(logits: Tensor, target: Tensor, alpha: Optional[Tensor], scales: Tensor,

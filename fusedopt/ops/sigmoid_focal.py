@@ -1,8 +1,9 @@
 """Sigmoid (binary / multi-label) focal loss as an autograd Function over a custom op.
 
 ``fusedopt::sigmoid_focal_loss_fwd`` runs the backend's fused elementwise forward once and
-returns the loss (per element in the logits' dtype, or the fp32 total when reducing) and the
-gradient, already multiplied by the 'mean' scale 1/numel.  The backend's partial sums are
+returns the loss (per element in the logits' dtype, or the total in fp32 -- float64 for
+float64 logits -- when reducing) and the gradient, already multiplied by the 'mean' scale
+1/numel.  The backend's partial sums are
 added inside the op, so the op's output shape never depends on the backend.
 ``SigmoidFocalLossFunction`` keeps the gradient and rescales it in place by grad_output in
 backward (``_common.rescale``); where the fused kernel cannot serve (torch.func, a target
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fusedopt.ops import _common, _dtensor, _formulas
+
 
 @torch.library.custom_op("fusedopt::sigmoid_focal_loss_fwd", mutates_args=())
 def sigmoid_focal_loss_fwd(logits: Tensor, target: Tensor, scales: Tensor, alpha: float,

@@ -4,8 +4,9 @@ over torch.library custom ops.
 ``fusedopt::vocab_parallel_cross_entropy_fwd`` runs on this rank's columns: the backend's
 row statistics (``vocab_parallel_row_stats``), two all-reduces of O(rows) values over the
 process group named ``group_name`` (c10d functional collectives) that ``_combine`` turns
-into the fp32 row losses of the full rows (the same on every rank) and per-row gradient
-coefficients, then the backend's gradient of the local columns (``vocab_parallel_grad``).
+into the row losses of the full rows (fp32, float64 for float64 logits; the same on every
+rank) and per-row gradient coefficients, then the backend's gradient of the local columns
+(``vocab_parallel_grad``).
 ``..._fwd_inplace`` writes that gradient into the logits.  Both have fake implementations.
 ``VocabParallelCrossEntropyFunction`` keeps the gradient; backward only rescales it in
 place, as for the other losses.
