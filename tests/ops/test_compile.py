@@ -1,7 +1,8 @@
 """torch.compile(fullgraph=True) traces through the loss custom ops (no graph break) and
-gives the same losses and gradients as eager.  Kept to two small tests: compiling is slow."""
+gives the same losses and gradients as eager.  Kept to a few small tests: compiling is slow."""
 
 import torch
+import torch.nn.functional as F
 
 import fusedopt as fo
 from loss_helpers import assert_close, random_grad_output
@@ -90,3 +91,21 @@ def test_compiled_float64_losses():
     assert_close(got, want, rtol=1e-12, atol=1e-14, what="loss")
     for g, w in zip(got_grads, want_grads):
         assert_close(g, w, rtol=1e-12, atol=1e-14, what="grad")
+
+
+def test_compiled_second_backward_through_retained_graph():
+    """A compiled loss traces the plain backward; a retained graph still gives the right
+    gradient twice (the compiled backward never scales the saved gradient in place)."""
+    torch._dynamo.reset()
+    model = Head()
+    x, y, _ = _inputs()
+    compiled = torch.compile(lambda x: fo.cross_entropy(model.proj(x), y, reduction="none"),
+                             fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    g_out = random_grad_output(loss)
+    want = _loss_and_grads(lambda x: F.cross_entropy(model.proj(x), y, reduction="none"),
+                           model, x, grad_output=g_out)[1]
+    for _ in range(2):
+        got = torch.autograd.grad(loss, list(model.parameters()), g_out, retain_graph=True)
+        for g, w in zip(got, want):
+            assert_close(g, w, what="grad")
