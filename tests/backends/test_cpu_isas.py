@@ -6,7 +6,6 @@ the ifunc slots at ``<function>.<clone>``) and hashes the outputs of the optimiz
 vocab-parallel ones included).  A clone the CPU cannot run is skipped with the missing
 features named."""
 
-import os
 import platform
 import subprocess
 import sys
@@ -14,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from _subprocess import OUTSIDE, package_env
+
 cpu = pytest.importorskip("fusedopt.backends.cpu")
 if "adam" not in cpu.OPS:
     pytest.skip(f"the cpu backend cannot run here: {cpu.status()[1]}", allow_module_level=True)
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 # the CPU features (as /proc/cpuinfo names them) each clone needs beyond the baseline
 LEVELS = {
     "arch_x86_64_v3": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe"},
@@ -42,9 +42,8 @@ def hashes():
         pytest.skip(f"the ISA clones are x86-64 (Linux) only; this is {platform.machine()}")
     flags = _cpu_flags()
     clones = ["default"] + [c for c, need in LEVELS.items() if need <= flags]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(HERE / "isa_clone_run.py"), *clones], cwd=HERE,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(HERE / "isa_clone_run.py"), *clones], cwd=OUTSIDE,
+                          env=package_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
     for line in proc.stdout.splitlines():

@@ -5,13 +5,13 @@ rest with a TypeError/ValueError naming the argument; no kernel is launched then
 dimension of size 1 may have any stride. The `cuda` launcher is checked with a stand-in
 module (these refusals happen before anything reaches a device)."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from _subprocess import OUTSIDE, package_env
 from fusedopt import backends
 from fusedopt.backends._loss_launch import LossLauncher
 
@@ -185,7 +185,7 @@ def test_freed_storage_refused(entry, monkeypatch):
     metadata. Run in a subprocess, so a miss is a failed test, not a crashed run."""
     _module(entry, monkeypatch, block_kernels=False)
     run = subprocess.run([sys.executable, "-c", _FREED_STORAGE, entry], capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ))
+                         text=True, timeout=120, env=package_env(), cwd=OUTSIDE)
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
     assert "logits reaches past the end of its storage" in run.stdout, run.stdout + run.stderr
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _subprocess import OUTSIDE
 from fusedopt import backends
 
 _OK, _REASON = backends.status("triton")
@@ -327,7 +328,7 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, cwd=OUTSIDE)
     if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr.lower():
         pytest.skip(f"no ptxas to compile Triton kernels here: {run.stderr[-300:]}")
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]

@@ -4,25 +4,23 @@ to a backend) are refused before any kernel runs, with nothing changed.  The cas
 (trust_state_cases.py, trust_input_cases.py) run in a subprocess per backend
 (trust_cases.py), so a crash fails the test instead of killing pytest."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _subprocess import OUTSIDE, package_env
 from conftest import require_op
 from trust_cases import CASES
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
 
 def test_trust_cases_in_a_subprocess(backend):
     require_op(backend, "adam")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(HERE / "trust_cases.py"), backend], cwd=HERE,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(HERE / "trust_cases.py"), backend], cwd=OUTSIDE,
+                          env=package_env(), capture_output=True, text=True, timeout=600)
     lines = proc.stdout.splitlines()
     assert proc.returncode >= 0, (f"the {backend} cases crashed (signal {-proc.returncode}) after:\n"
                                   + "\n".join(lines[-3:]) + "\n" + proc.stderr[-2000:])
