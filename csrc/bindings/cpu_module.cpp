@@ -9,4 +9,5 @@ PYBIND11_MODULE(_cpu, m) {
   fusedopt::bind::register_cpu_losses(m);
   fusedopt::bind::register_cpu_optim(m);
   fusedopt::bind::register_cpu_vocab_parallel(m);
+  fusedopt::bind::register_cpu_lean(m);
 }

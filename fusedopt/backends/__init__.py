@@ -37,7 +37,7 @@ DEFAULT_ORDER = {
 }
 
 OPS = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "vocab_parallel_cross_entropy",
-       "adam", "sgd")
+       "adam", "sgd", "lean_adam")
 
 _loaded: dict[str, ModuleType | Exception] = {}
 

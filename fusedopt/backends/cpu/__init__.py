@@ -19,13 +19,14 @@ else:
     _IMPORT_ERROR = ""
 
 if _cpu is not None:
-    from fusedopt.backends.cpu import losses as _losses, optim as _optim
+    from fusedopt.backends.cpu import lean as _lean, losses as _losses, optim as _optim
     from fusedopt.backends.cpu import vocab_parallel as _vocab_parallel
+    from fusedopt.backends.cpu.lean import *  # noqa: F401,F403
     from fusedopt.backends.cpu.losses import *  # noqa: F401,F403  (entry points in __all__)
     from fusedopt.backends.cpu.optim import *  # noqa: F401,F403
     from fusedopt.backends.cpu.vocab_parallel import *  # noqa: F401,F403
 
-    OPS: frozenset[str] = _losses.OPS | _optim.OPS | _vocab_parallel.OPS
+    OPS: frozenset[str] = _losses.OPS | _optim.OPS | _vocab_parallel.OPS | _lean.OPS
 else:
     OPS = frozenset()
 
