@@ -22,14 +22,16 @@ else:
     _IMPORT_ERROR = ""
     from fusedopt.backends.triton import cross_entropy as _cross_entropy
     from fusedopt.backends.triton import focal as _focal
+    from fusedopt.backends.triton import lean_adam as _lean_adam
     from fusedopt.backends.triton import optim as _optim
     from fusedopt.backends.triton import vocab_parallel as _vocab_parallel
     from fusedopt.backends.triton.cross_entropy import *  # noqa: F401,F403  (entry points in __all__)
     from fusedopt.backends.triton.focal import *  # noqa: F401,F403
+    from fusedopt.backends.triton.lean_adam import *  # noqa: F401,F403
     from fusedopt.backends.triton.optim import *  # noqa: F401,F403
     from fusedopt.backends.triton.vocab_parallel import *  # noqa: F401,F403
 
-    OPS = _cross_entropy.OPS | _focal.OPS | _optim.OPS | _vocab_parallel.OPS
+    OPS = _cross_entropy.OPS | _focal.OPS | _optim.OPS | _vocab_parallel.OPS | _lean_adam.OPS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
