@@ -16,4 +16,5 @@ PYBIND11_MODULE(_cuda, m) {
   fusedopt::bind::register_cuda_losses(m);
   fusedopt::bind::register_cuda_optim(m);
   fusedopt::bind::register_cuda_vocab_parallel(m);
+  fusedopt::bind::register_cuda_lean(m);
 }

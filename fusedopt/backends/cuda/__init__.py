@@ -21,14 +21,15 @@ else:
     _IMPORT_ERROR = ""
 
 if _cuda is not None:
-    from fusedopt.backends.cuda import losses as _losses, optim as _optim
+    from fusedopt.backends.cuda import lean as _lean, losses as _losses, optim as _optim
     from fusedopt.backends.cuda import vocab_parallel as _vocab_parallel
     from fusedopt.backends.cuda._errors import check  # noqa: F401
+    from fusedopt.backends.cuda.lean import *  # noqa: F401,F403
     from fusedopt.backends.cuda.losses import *  # noqa: F401,F403  (entry points in __all__)
     from fusedopt.backends.cuda.optim import *  # noqa: F401,F403
     from fusedopt.backends.cuda.vocab_parallel import *  # noqa: F401,F403
 
-    OPS: frozenset[str] = _losses.OPS | _optim.OPS | _vocab_parallel.OPS
+    OPS: frozenset[str] = _losses.OPS | _optim.OPS | _vocab_parallel.OPS | _lean.OPS
 else:
     OPS = frozenset()
 
