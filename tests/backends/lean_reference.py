@@ -57,34 +57,34 @@ def sr_bf16(x, r16):
 
 
 def sr_fp16(x, r):
-    """fp32 -> fp16 bits, element by element from the definition: the fp16 neighbours
-    below and above |x| (its fp16 quantum q = 2^max(e-10, -24)), round up with probability
-    (|x| - below)/q, decided by comparing the dropped part with the top random bits."""
-    out = np.empty(len(x), dtype=np.uint16)
-    for i, (xi, ri) in enumerate(zip(np.asarray(x, dtype=F32), r)):
-        a = abs(float(xi))
-        sign = 0x8000 if np.signbit(xi) else 0
-        if np.isnan(xi):
-            out[i] = sign | 0x7E00
-            continue
-        if a >= 65536.0:
-            out[i] = sign | 0x7C00
-            continue
-        if a < 2.0 ** -24:
-            up = a * 2.0 ** 48 > float(int(ri) >> 8)
-            out[i] = sign | int(up)
-            continue
-        e = int(np.floor(np.log2(a)))
-        e = e + 1 if 2.0 ** (e + 1) <= a else (e - 1 if 2.0 ** e > a else e)
-        quantum_exp = max(e - 10, -24)
-        units = a / 2.0 ** quantum_exp            # exact: a has <= 24 significant bits
-        below = np.floor(units)
-        dropped_bits = quantum_exp - (e - 23)      # fp32 ulps per fp16 quantum, as a power
-        frac = int(round((units - below) * 2 ** dropped_bits))
-        up = frac + (int(ri) >> (32 - dropped_bits)) >= 2 ** dropped_bits
-        value = (below + up) * 2.0 ** quantum_exp
-        out[i] = sign | int(np.array(value, dtype=np.float16).view(np.uint16))
-    return out
+    """fp32 -> fp16 bits from the definition: the fp16 neighbours below and above |x| (its
+    fp16 quantum q = 2^max(e-10, -24), e = floor(log2 |x|)); round up when the dropped part,
+    in fp32 ulps, plus the top random bits reaches a whole quantum.  Below 2^-24: up when
+    |x| * 2^48 > (r >> 8).  NaN -> quiet NaN, |x| >= 65536 -> inf."""
+    x = np.asarray(x, dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN lanes are replaced below
+        return _sr_fp16(x, r)
+
+
+def _sr_fp16(x, r):
+    a = np.abs(x.astype(np.float64))
+    sign = np.where(np.signbit(x), 0x8000, 0).astype(np.uint32)
+    r = r.astype(np.int64)
+    _, exp = np.frexp(np.where(a > 0, a, 1.0))
+    e = exp.astype(np.int64) - 1                           # a in [2^e, 2^(e+1))
+    quantum_exp = np.maximum(e - 10, -24)
+    units = np.ldexp(a, -quantum_exp)                      # exact
+    below = np.floor(units)
+    dropped_bits = np.clip(quantum_exp - (e - 23), 1, 31)  # fp32 ulps per quantum: 2^this
+    frac = np.rint((units - below) * np.ldexp(1.0, dropped_bits)).astype(np.int64)
+    up = frac + (r >> (32 - dropped_bits)) >= (1 << dropped_bits)
+    value = np.ldexp(below + up, quantum_exp)
+    bits = value.astype(np.float16).view(np.uint16).astype(np.uint32)
+    tiny = (a * 2.0 ** 48 > (r >> 8)).astype(np.uint32)
+    bits = np.where(a < 2.0 ** -24, tiny, bits)
+    bits = np.where(a >= 65536.0, 0x7C00, bits)
+    bits = np.where(np.isnan(x), 0x7E00, bits)
+    return (sign | bits).astype(np.uint16)
 
 
 # ------------------------------------------------------------------ 8-bit dynamic maps
