@@ -23,6 +23,7 @@
 #include "fusedopt/cpu_lean.h"
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math_lean.h"
+#include "lean_blocks.h"
 #include "multi_tensor_loop.h"
 
 namespace fusedopt::cpu {
@@ -111,56 +112,33 @@ FO_LEAN_INLINE float block_max(const float* __restrict x) {
   return bits_f32(amax);
 }
 
-// The codes of one block from its new fp32 moments and stored absmax (all 0 for a block
-// whose absmax is 0 or NaN: no NaN reaches the encoder).
-FO_LEAN_INLINE void encode_block(int8_t* __restrict m_codes, uint8_t* __restrict v_codes,
-                                 const float* __restrict m, const float* __restrict v,
-                                 float m_max, float v_max, int64_t n) {
-  if (block_has_codes(m_max)) {
-    const float scale = code_scale<kSignedLevels>(m_max);
-    for (int64_t j = 0; j < n; ++j) m_codes[j] = signed_code(m[j], scale);
-  } else {
-    for (int64_t j = 0; j < n; ++j) m_codes[j] = 0;
-  }
-  if (block_has_codes(v_max)) {
-    const float scale = code_scale<kUnsignedLevels>(v_max);
-    for (int64_t j = 0; j < n; ++j) v_codes[j] = unsigned_code(v[j], scale);
-  } else {
-    for (int64_t j = 0; j < n; ++j) v_codes[j] = 0;
-  }
-}
-
-// 8-bit moments over one chunk (which starts on a block boundary), block by block.
+// 8-bit moments over one chunk (which starts on a block boundary), block by block:
+// decode (lean_blocks.h), update in fp32 lanes, new absmax, encode.
 template <typename T, bool kL2, ParamStore kStore>
 FO_CPU_CLONES void quantized_chunk(T* __restrict param, const T* __restrict grad,
                                    int8_t* __restrict m_codes, uint8_t* __restrict v_codes,
                                    float* __restrict m_absmax, float* __restrict v_absmax,
                                    float* __restrict master, int64_t n, const ChunkArgs a) {
-  alignas(64) float m_new[kQuantBlock];
-  alignas(64) float v_new[kQuantBlock];
+  alignas(64) float m[kQuantBlock];
+  alignas(64) float v[kQuantBlock];
   for (int64_t b0 = 0; b0 < n; b0 += kQuantBlock) {
-    const int64_t nb = n - b0 < kQuantBlock ? n - b0 : kQuantBlock;
+    const int nb = static_cast<int>(n - b0 < kQuantBlock ? n - b0 : kQuantBlock);
     const int64_t block = b0 / kQuantBlock;
-    const float m_scale = m_absmax[block], v_scale = v_absmax[block];
-    // 1. decode, update, store the param; keep the new moments in fp32
-    for (int64_t j = 0; j < nb; ++j) {
+    lean_blocks::decode_block(m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], m,
+                              v, nb);
+    for (int j = 0; j < nb; ++j) {
       const int64_t i = b0 + j;
       float p = load_param<T, kStore>(param, master, i);
       const float g = used_grad(to_float(grad[i]), a.gt);
-      float m = signed_value(m_codes[i], m_scale);
-      float v = unsigned_value(v_codes[i], v_scale);
-      lean_adam_math<kL2>(p, g, m, v, a.c);
-      m_new[j] = m;
-      v_new[j] = v;
+      lean_adam_math<kL2>(p, g, m[j], v[j], a.c);
       store_param<T, kStore>(param, master, i, p, a);
     }
-    for (int64_t j = nb; j < kQuantBlock; ++j) m_new[j] = v_new[j] = 0.0f;
-    // 2. the new absmax of each moment, then the codes
-    const float m_max = block_absmax(block_max(m_new));
-    const float v_max = block_absmax(block_max(v_new));
+    for (int j = nb; j < kQuantBlock; ++j) m[j] = v[j] = 0.0f;
+    const float m_max = block_absmax(block_max(m));
+    const float v_max = block_absmax(block_max(v));
     m_absmax[block] = m_max;
     v_absmax[block] = v_max;
-    encode_block(m_codes + b0, v_codes + b0, m_new, v_new, m_max, v_max, nb);
+    lean_blocks::encode_block(m, v, m_max, v_max, m_codes + b0, v_codes + b0, nb);
   }
 }
 

@@ -78,3 +78,15 @@ def test_a_step_with_the_wrong_number_of_gradients_is_refused_before_any_access(
 def test_lean_module_reports_the_cpu_backend():
     module, device = lean_module("cpu")
     assert module.NAME == "cpu" and device.type == "cpu"
+
+
+@pytest.mark.skipif(not _cpu.lean_blocks_use_avx512(), reason="this CPU has no AVX-512: only "
+                    "the portable 8-bit passes run here")
+def test_avx512_and_portable_8bit_passes_give_the_same_bits():
+    fast = _run(cpu, "q8", torch.bfloat16)
+    _cpu.set_portable_lean_blocks(True)
+    try:
+        portable = _run(cpu, "q8", torch.bfloat16)
+    finally:
+        _cpu.set_portable_lean_blocks(False)
+    assert all(torch.equal(a, b) for a, b in zip(fast, portable))
