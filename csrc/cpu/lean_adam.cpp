@@ -48,8 +48,15 @@ struct ChunkArgs {
   LeanAdamCoefs c;
   GradTransform gt;
   uint32_t param_high, state_high;  // high_key() of the chunk's elements
-  int64_t start;                    // element index of the chunk's first element
+  uint32_t start;                   // lo32 of the element index of the chunk's first element
 };
+
+// The used gradient; kTransform = false when there is no inv_scale, clip_coef or maximize
+// (the three products by 1 are skipped: they are exact).
+template <bool kTransform>
+FO_LEAN_INLINE float grad_of(float g, const GradTransform& gt) {
+  return kTransform ? used_grad(g, gt) : g;
+}
 
 template <typename T, ParamStore kStore>
 FO_LEAN_INLINE float load_param(const T* param, const float* master, int64_t i) {
@@ -61,7 +68,7 @@ FO_LEAN_INLINE void store_param(T* param, float* master, int64_t i, float p,
                                  const ChunkArgs& a) {
   if (kStore == kFromMaster) master[i] = p;
   if constexpr (kStore == kStochastic && !std::is_same_v<T, float>) {
-    const uint32_t r = element_bits(a.param_high, a.start + i);
+    const uint32_t r = element_bits(a.param_high, a.start + static_cast<uint32_t>(i));
     if constexpr (std::is_same_v<T, bf16_t>)
       param[i] = T{round_bf16_stochastic(p, r >> 16)};
     else
@@ -72,17 +79,17 @@ FO_LEAN_INLINE void store_param(T* param, float* master, int64_t i, float p,
 }
 
 // fp32 or bf16 moments over one chunk.
-template <typename T, int kState, bool kL2, ParamStore kStore>
-FO_CPU_CLONES void dense_chunk(T* __restrict param, const T* __restrict grad,
+template <typename T, int kState, bool kL2, ParamStore kStore, bool kTransform>
+FO_LEAN_INLINE void dense_loop(T* __restrict param, const T* __restrict grad,
                                void* __restrict exp_avg, void* __restrict exp_avg_sq,
-                               float* __restrict master, int64_t n, const ChunkArgs a) {
+                               float* __restrict master, int64_t n, const ChunkArgs& a) {
   float* __restrict m32 = static_cast<float*>(exp_avg);
   float* __restrict v32 = static_cast<float*>(exp_avg_sq);
   uint16_t* __restrict m16 = static_cast<uint16_t*>(exp_avg);
   uint16_t* __restrict v16 = static_cast<uint16_t*>(exp_avg_sq);
   for (int64_t i = 0; i < n; ++i) {
     float p = load_param<T, kStore>(param, master, i);
-    const float g = used_grad(to_float(grad[i]), a.gt);
+    const float g = grad_of<kTransform>(to_float(grad[i]), a.gt);
     float m = kState == kLeanStateF32 ? m32[i] : bits_f32(uint32_t(m16[i]) << 16);
     float v = kState == kLeanStateF32 ? v32[i] : bits_f32(uint32_t(v16[i]) << 16);
     lean_adam_math<kL2>(p, g, m, v, a.c);
@@ -90,12 +97,23 @@ FO_CPU_CLONES void dense_chunk(T* __restrict param, const T* __restrict grad,
       m32[i] = m;
       v32[i] = v;
     } else {
-      const uint32_t r = element_bits(a.state_high, a.start + i);
+      const uint32_t r = element_bits(a.state_high, a.start + static_cast<uint32_t>(i));
       m16[i] = round_bf16_stochastic(m, r & 0xffffu);
       v16[i] = round_bf16_stochastic(v, r >> 16);
     }
     store_param<T, kStore>(param, master, i, p, a);
   }
+}
+
+template <typename T, int kState, bool kL2, ParamStore kStore>
+FO_CPU_CLONES void dense_chunk(T* __restrict param, const T* __restrict grad,
+                               void* __restrict exp_avg, void* __restrict exp_avg_sq,
+                               float* __restrict master, int64_t n, const ChunkArgs a,
+                               bool transform) {
+  if (transform)
+    dense_loop<T, kState, kL2, kStore, true>(param, grad, exp_avg, exp_avg_sq, master, n, a);
+  else
+    dense_loop<T, kState, kL2, kStore, false>(param, grad, exp_avg, exp_avg_sq, master, n, a);
 }
 
 // Largest |x| of a block (NaN if any element is NaN): the maximum of the magnitude bits
@@ -112,13 +130,28 @@ FO_LEAN_INLINE float block_max(const float* __restrict x) {
   return bits_f32(amax);
 }
 
+// The fp32 update of one decoded 8-bit block (m, v in place).
+template <typename T, bool kL2, ParamStore kStore, bool kTransform>
+FO_LEAN_INLINE void block_update(T* __restrict param, const T* __restrict grad,
+                                 float* __restrict master, float* __restrict m,
+                                 float* __restrict v, int64_t b0, int nb, const ChunkArgs& a) {
+  for (int j = 0; j < nb; ++j) {
+    const int64_t i = b0 + j;
+    float p = load_param<T, kStore>(param, master, i);
+    const float g = grad_of<kTransform>(to_float(grad[i]), a.gt);
+    lean_adam_math<kL2>(p, g, m[j], v[j], a.c);
+    store_param<T, kStore>(param, master, i, p, a);
+  }
+}
+
 // 8-bit moments over one chunk (which starts on a block boundary), block by block:
 // decode (lean_blocks.h), update in fp32 lanes, new absmax, encode.
 template <typename T, bool kL2, ParamStore kStore>
 FO_CPU_CLONES void quantized_chunk(T* __restrict param, const T* __restrict grad,
                                    int8_t* __restrict m_codes, uint8_t* __restrict v_codes,
                                    float* __restrict m_absmax, float* __restrict v_absmax,
-                                   float* __restrict master, int64_t n, const ChunkArgs a) {
+                                   float* __restrict master, int64_t n, const ChunkArgs a,
+                                   bool transform) {
   alignas(64) float m[kQuantBlock];
   alignas(64) float v[kQuantBlock];
   for (int64_t b0 = 0; b0 < n; b0 += kQuantBlock) {
@@ -126,13 +159,10 @@ FO_CPU_CLONES void quantized_chunk(T* __restrict param, const T* __restrict grad
     const int64_t block = b0 / kQuantBlock;
     lean_blocks::decode_block(m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], m,
                               v, nb);
-    for (int j = 0; j < nb; ++j) {
-      const int64_t i = b0 + j;
-      float p = load_param<T, kStore>(param, master, i);
-      const float g = used_grad(to_float(grad[i]), a.gt);
-      lean_adam_math<kL2>(p, g, m[j], v[j], a.c);
-      store_param<T, kStore>(param, master, i, p, a);
-    }
+    if (transform)
+      block_update<T, kL2, kStore, true>(param, grad, master, m, v, b0, nb, a);
+    else
+      block_update<T, kL2, kStore, false>(param, grad, master, m, v, b0, nb, a);
     for (int j = nb; j < kQuantBlock; ++j) m[j] = v[j] = 0.0f;
     const float m_max = block_absmax(block_max(m));
     const float v_max = block_absmax(block_max(v));
@@ -148,7 +178,8 @@ void run_lean(const LeanAdamTensors& t, const MultiTensorPlan& plan,
   for_each_chunk(plan, t.numel, [&](int32_t i, int64_t, int64_t start, int64_t len) {
     const TensorArgs& ta = per_tensor[i];
     const ChunkArgs a{ta.c, gt, high_key(ta.param_key, start), high_key(ta.state_key, start),
-                      start};
+                      static_cast<uint32_t>(start)};
+    const bool transform = gt.inv_scale != 1.0f || gt.clip_coef != 1.0f || gt.sign != 1.0f;
     T* param = static_cast<T*>(t.params[i]) + start;
     const T* grad = static_cast<const T*>(t.grads[i]) + start;
     float* master = kStore == kFromMaster ? t.master[i] + start : nullptr;
@@ -157,12 +188,12 @@ void run_lean(const LeanAdamTensors& t, const MultiTensorPlan& plan,
           param, grad, static_cast<int8_t*>(t.exp_avg[i]) + start,
           static_cast<uint8_t*>(t.exp_avg_sq[i]) + start,
           t.exp_avg_absmax[i] + start / kQuantBlock, t.exp_avg_sq_absmax[i] + start / kQuantBlock,
-          master, len, a);
+          master, len, a, transform);
     } else {
       const int64_t bytes = kState == kLeanStateF32 ? 4 : 2;
       dense_chunk<T, kState, kL2, kStore>(
           param, grad, static_cast<char*>(t.exp_avg[i]) + start * bytes,
-          static_cast<char*>(t.exp_avg_sq[i]) + start * bytes, master, len, a);
+          static_cast<char*>(t.exp_avg_sq[i]) + start * bytes, master, len, a, transform);
     }
   });
 }

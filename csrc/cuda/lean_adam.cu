@@ -95,7 +95,7 @@ struct ParamAccess {
       uint16_t b[kIlp];
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
-        const uint32_t r = element_bits(high, start + first + k);
+        const uint32_t r = element_bits(high, static_cast<uint32_t>(start + first + k));
         b[k] = std::is_same_v<T, bf16_t> ? round_bf16_stochastic(p[k], r >> 16)
                                          : round_fp16_stochastic(p[k], r);
       }
@@ -146,7 +146,7 @@ __device__ void dense_chunk(const ParamAccess<T, kStore>& pa, const T* grad, voi
       uint16_t mb[kIlp], vb[kIlp];
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
-        const uint32_t r = element_bits(s.state_high, pa.start + first + k);
+        const uint32_t r = element_bits(s.state_high, static_cast<uint32_t>(pa.start + first + k));
         mb[k] = round_bf16_stochastic(m[k], r & 0xffffu);
         vb[k] = round_bf16_stochastic(v[k], r >> 16);
       }

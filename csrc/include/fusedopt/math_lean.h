@@ -64,13 +64,12 @@ FO_HD uint32_t tensor_key(uint32_t seed, uint32_t stream, uint32_t step, uint32_
 }
 
 // The 32 random bits of element k of a tensor: fmix32(lo32(k) ^ fmix32(key + hi32(k))).
-// `high_key` = fmix32(key + hi32(k)) is the same for 2^32 consecutive elements.
+// `high_key` = fmix32(key + hi32(k)) is the same for 2^32 consecutive elements (a chunk of
+// a multi-tensor plan never straddles two such ranges); element_bits takes lo32(k).
 FO_HD uint32_t high_key(uint32_t key, int64_t k) {
   return fmix32(key + static_cast<uint32_t>(static_cast<uint64_t>(k) >> 32));
 }
-FO_HD uint32_t element_bits(uint32_t high, int64_t k) {
-  return fmix32(static_cast<uint32_t>(k) ^ high);
-}
+FO_HD uint32_t element_bits(uint32_t high, uint32_t k_lo) { return fmix32(k_lo ^ high); }
 
 // ---------------------------------------------------------------- stochastic rounding
 
