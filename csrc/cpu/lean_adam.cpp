@@ -24,6 +24,7 @@
 #include "fusedopt/dispatch.h"
 #include "fusedopt/math_lean.h"
 #include "lean_blocks.h"
+#include "lean_dense.h"
 #include "multi_tensor_loop.h"
 
 namespace fusedopt::cpu {
@@ -190,6 +191,13 @@ void run_lean(const LeanAdamTensors& t, const MultiTensorPlan& plan,
           t.exp_avg_absmax[i] + start / kQuantBlock, t.exp_avg_sq_absmax[i] + start / kQuantBlock,
           master, len, a, transform);
     } else {
+      if constexpr (kState == kLeanStateBF16 && std::is_same_v<T, float>) {
+        if (lean_dense::bf16_moments_fp32_params(
+                param, grad, static_cast<uint16_t*>(t.exp_avg[i]) + start,
+                static_cast<uint16_t*>(t.exp_avg_sq[i]) + start, len, a.c, a.gt, kL2, transform,
+                a.state_high, a.start))
+          return;
+      }
       const int64_t bytes = kState == kLeanStateF32 ? 4 : 2;
       dense_chunk<T, kState, kL2, kStore>(
           param, grad, static_cast<char*>(t.exp_avg[i]) + start * bytes,

@@ -12,6 +12,9 @@
 // Traffic: the block's codes and fp32 moments, all in L1.
 #include "lean_blocks.h"
 
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip -Wmaybe-uninitialized
+// under -Wall; nothing here is uninitialised.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <atomic>

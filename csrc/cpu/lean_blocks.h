@@ -4,8 +4,8 @@
 // with exactly the operations of math_lean.h (dynamic_value / dynamic_code), in two
 // versions giving the same bits: portable loops (auto-vectorised; the byte widening and
 // narrowing in loops of their own, so that the arithmetic runs 16 fp32 lanes wide), and
-// AVX-512 code (lean_blocks_avx512.cpp) that looks the per-level constants up with
-// in-register permutes. The AVX-512 version runs when the CPU has AVX-512 F/BW/DQ/VL,
+// AVX-512 code that looks the per-level constants up with in-register permutes. The
+// AVX-512 versions (these and lean_dense.h's) run when the CPU has AVX-512 F/BW/DQ/VL,
 // unless set_portable_blocks(true) (tests compare the two).
 #pragma once
 #include <cstdint>

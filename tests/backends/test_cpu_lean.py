@@ -81,12 +81,15 @@ def test_lean_module_reports_the_cpu_backend():
 
 
 @pytest.mark.skipif(not _cpu.lean_blocks_use_avx512(), reason="this CPU has no AVX-512: only "
-                    "the portable 8-bit passes run here")
-def test_avx512_and_portable_8bit_passes_give_the_same_bits():
-    fast = _run(cpu, "q8", torch.bfloat16)
-    _cpu.set_portable_lean_blocks(True)
-    try:
-        portable = _run(cpu, "q8", torch.bfloat16)
-    finally:
-        _cpu.set_portable_lean_blocks(False)
-    assert all(torch.equal(a, b) for a, b in zip(fast, portable))
+                    "the portable loops run here")
+@pytest.mark.parametrize("state,dtype", [("q8", torch.bfloat16), ("q8", torch.float32),
+                                         ("bf16", torch.float32)])
+def test_avx512_and_portable_loops_give_the_same_bits(state, dtype):
+    for kw in (dict(), dict(maximize=True, decoupled=False)):  # with and without a transform
+        fast = _run(cpu, state, dtype, **kw)
+        _cpu.set_portable_lean_blocks(True)
+        try:
+            portable = _run(cpu, state, dtype, **kw)
+        finally:
+            _cpu.set_portable_lean_blocks(False)
+        assert all(torch.equal(a, b) for a, b in zip(fast, portable))
