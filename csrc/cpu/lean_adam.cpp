@@ -158,6 +158,12 @@ FO_CPU_CLONES void quantized_chunk(T* __restrict param, const T* __restrict grad
   for (int64_t b0 = 0; b0 < n; b0 += kQuantBlock) {
     const int nb = static_cast<int>(n - b0 < kQuantBlock ? n - b0 : kQuantBlock);
     const int64_t block = b0 / kQuantBlock;
+    if constexpr (std::is_same_v<T, float>) {
+      if (lean_blocks::update_block_fp32(param + b0, grad + b0, m_codes + b0, v_codes + b0,
+                                         m_absmax + block, v_absmax + block, nb, a.c, a.gt, kL2,
+                                         transform))
+        continue;
+    }
     lean_blocks::decode_block(m_codes + b0, v_codes + b0, m_absmax[block], v_absmax[block], m,
                               v, nb);
     if (transform)

@@ -15,6 +15,7 @@
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip -Wmaybe-uninitialized
 // under -Wall; nothing here is uninitialised.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <atomic>
@@ -77,25 +78,27 @@ struct DecodeTables {
   }
 };
 
-// 2^-2e and 2^e by the exponent E of y (index E - 127, clamped below at 0):
+// 2^-2e, 2^e + 3.5 and 2^e - 1 by the exponent E of y (index E - 127, clamped below at 0):
 // e = min(floor(E / 3), L - 1).
-template <int L>
 struct EncodeTables {
   alignas(64) float inv4e[32] = {};
-  alignas(64) float p2[32] = {};
-  EncodeTables() {
+  alignas(64) float p2_plus[32] = {};
+  alignas(64) float p2_minus[32] = {};
+  float t0;
+  explicit EncodeTables(int levels) : t0(levels == kSignedLevels ? 4.0f : 0.0f) {
     for (int i = 0; i < 32; ++i) {
-      const int e = i / 3 < L - 1 ? i / 3 : L - 1;
+      const int e = i / 3 < levels - 1 ? i / 3 : levels - 1;
       inv4e[i] = static_cast<float>(std::ldexp(1.0, -2 * e));
-      p2[i] = static_cast<float>(std::ldexp(1.0, e));
+      p2_plus[i] = static_cast<float>(std::ldexp(1.0, e) + 3.5);
+      p2_minus[i] = static_cast<float>(std::ldexp(1.0, e) - 1.0);
     }
   }
 };
 
 const DecodeTables<kSignedLevels> kDecodeSigned;
 const DecodeTables<kUnsignedLevels> kDecodeUnsigned;
-const EncodeTables<kSignedLevels> kEncodeSigned;
-const EncodeTables<kUnsignedLevels> kEncodeUnsigned;
+const EncodeTables kEncodeSigned(kSignedLevels);
+const EncodeTables kEncodeUnsigned(kUnsignedLevels);
 
 FO_V4 inline __mmask16 tail_mask(int remaining) {
   return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1u);
@@ -129,50 +132,121 @@ FO_V4 void decode_avx512(const int8_t* m_codes, const uint8_t* v_codes, float m_
   }
 }
 
-// dynamic_code of 16 values y >= 0 (or -0), with the tables of its map; t0 as in math_lean.h.
-FO_V4 inline __m512i codes_of(__m512 y, __m512 inv4e_lo, __m512 inv4e_hi, __m512 p2_lo,
-                              __m512 p2_hi, float t0) {
+// dynamic_code of 16 values y >= 0 (or -0) of one map, the tables held in registers.
+// Three shortcuts that give the same codes: d = y*2^-2e - (2^e + 3.5) equals
+// (y*2^-2e - 2^e) - 3.5 (both exact, except for y < 1 where either is within an ulp of -4.5
+// and c = 0 anyway); ceil(d/7) is never below -0 (d >= -4.5) nor above 2^e (see
+// lean_states.md), so the clamp is left out; q = c + (2^e - 1) in fp32 is exact.
+struct EncodeRegs {
+  __m512 scale_lo, scale_hi, offset_lo, offset_hi, base_lo, base_hi, t0;
+};
+
+FO_V4 inline EncodeRegs encode_regs(const EncodeTables& t) {
+  return EncodeRegs{_mm512_load_ps(t.inv4e), _mm512_load_ps(t.inv4e + 16),
+                    _mm512_load_ps(t.p2_plus), _mm512_load_ps(t.p2_plus + 16),
+                    _mm512_load_ps(t.p2_minus), _mm512_load_ps(t.p2_minus + 16),
+                    _mm512_set1_ps(t.t0)};
+}
+
+FO_V4 inline __m512i codes_of(__m512 y, const EncodeRegs& r) {
   const __m512i exp = _mm512_srli_epi32(_mm512_castps_si512(y), 23);
   const __m512i idx = _mm512_sub_epi32(_mm512_max_epi32(exp, _mm512_set1_epi32(127)),
                                        _mm512_set1_epi32(127));
-  const __m512 inv4e = _mm512_permutex2var_ps(inv4e_lo, idx, inv4e_hi);
-  const __m512 p2 = _mm512_permutex2var_ps(p2_lo, idx, p2_hi);
-  const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_mul_ps(y, inv4e), p2),
-                                 _mm512_set1_ps(3.5f));
-  __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(0.142857149f)),
-                                  _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-  c = _mm512_min_ps(_mm512_max_ps(c, _mm512_setzero_ps()), p2);
-  const __m512i q = _mm512_cvttps_epi32(_mm512_add_ps(c, _mm512_sub_ps(p2, _mm512_set1_ps(1.0f))));
-  const __mmask16 above = _mm512_cmp_ps_mask(y, _mm512_set1_ps(t0), _CMP_GT_OQ);
+  const __m512 d = _mm512_sub_ps(_mm512_mul_ps(y, _mm512_permutex2var_ps(r.scale_lo, idx, r.scale_hi)),
+                                 _mm512_permutex2var_ps(r.offset_lo, idx, r.offset_hi));
+  const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(0.142857149f)),
+                                        _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  const __m512i q = _mm512_cvttps_epi32(
+      _mm512_add_ps(c, _mm512_permutex2var_ps(r.base_lo, idx, r.base_hi)));
+  const __mmask16 above = _mm512_cmp_ps_mask(y, r.t0, _CMP_GT_OQ);
   return _mm512_maskz_max_epi32(above, q, _mm512_set1_epi32(1));
+}
+
+// The codes of one moment of a block (signed: sign + magnitude of |x|; unsigned: of x).
+template <bool kSigned, typename C>
+FO_V4 void encode_one(const float* x, float absmax, C* codes, int n) {
+  if (!block_has_codes(absmax)) {
+    for (int j = 0; j < n; ++j) codes[j] = 0;
+    return;
+  }
+  constexpr int L = kSigned ? kSignedLevels : kUnsignedLevels;
+  const EncodeRegs regs = encode_regs(kSigned ? kEncodeSigned : kEncodeUnsigned);
+  const __m512 scale = _mm512_set1_ps(code_scale<L>(absmax));
+  const __m512i magnitude_bits = _mm512_set1_epi32(0x7fffffff);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
+    __m512i q;
+    if (kSigned) {
+      const __m512i bits = _mm512_castps_si512(v);
+      q = codes_of(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(bits, magnitude_bits)),
+                                 scale), regs);
+      q = _mm512_mask_sub_epi32(q, _mm512_movepi32_mask(bits), _mm512_setzero_si512(), q);
+    } else {
+      q = codes_of(_mm512_mul_ps(v, scale), regs);
+    }
+    _mm512_mask_cvtepi32_storeu_epi8(codes + j, k, q);
+  }
 }
 
 FO_V4 void encode_avx512(const float* m, const float* v, float m_absmax, float v_absmax,
                          int8_t* m_codes, uint8_t* v_codes, int n) {
-  const bool m_ok = block_has_codes(m_absmax), v_ok = block_has_codes(v_absmax);
-  const __m512 ms = _mm512_set1_ps(m_ok ? code_scale<kSignedLevels>(m_absmax) : 0.0f);
-  const __m512 vs = _mm512_set1_ps(v_ok ? code_scale<kUnsignedLevels>(v_absmax) : 0.0f);
-  const __m512 s_lo = _mm512_load_ps(kEncodeSigned.inv4e), s_hi = _mm512_load_ps(kEncodeSigned.inv4e + 16);
-  const __m512 sp_lo = _mm512_load_ps(kEncodeSigned.p2), sp_hi = _mm512_load_ps(kEncodeSigned.p2 + 16);
-  const __m512 u_lo = _mm512_load_ps(kEncodeUnsigned.inv4e), u_hi = _mm512_load_ps(kEncodeUnsigned.inv4e + 16);
-  const __m512 up_lo = _mm512_load_ps(kEncodeUnsigned.p2), up_hi = _mm512_load_ps(kEncodeUnsigned.p2 + 16);
+  encode_one<true>(m, m_absmax, m_codes, n);
+  encode_one<false>(v, v_absmax, v_codes, n);
+}
+
+// One 8-bit block with fp32 params: decode, the lean update (math_lean.h's operations),
+// the new absmax (maximum of the magnitude bits, kept in registers), then encode_avx512.
+template <bool kL2, bool kTransform>
+FO_V4 void update_fp32_avx512(float* param, const float* grad, int8_t* m_codes,
+                              uint8_t* v_codes, float* m_absmax, float* v_absmax, int n,
+                              const LeanAdamCoefs& c, const GradTransform& gt) {
+  alignas(64) float m_new[kQuantBlock], v_new[kQuantBlock];
+  const __m512 ma = _mm512_load_ps(kDecodeSigned.a), mb = _mm512_load_ps(kDecodeSigned.b);
+  const __m512 va = _mm512_load_ps(kDecodeUnsigned.a), vb = _mm512_load_ps(kDecodeUnsigned.b);
+  const __m512 m_scale = _mm512_set1_ps(*m_absmax), v_scale = _mm512_set1_ps(*v_absmax);
+  const __m512i sign_bit = _mm512_set1_epi32(int32_t(0x80000000u));
   const __m512i magnitude_bits = _mm512_set1_epi32(0x7fffffff);
+  const __m512 b1 = _mm512_set1_ps(c.beta1), omb1 = _mm512_set1_ps(c.one_minus_beta1);
+  const __m512 b2 = _mm512_set1_ps(c.beta2), omb2 = _mm512_set1_ps(c.one_minus_beta2);
+  const __m512 nss = _mm512_set1_ps(c.neg_step_size), rbc2 = _mm512_set1_ps(c.inv_bc2_sqrt);
+  const __m512 eps = _mm512_set1_ps(c.eps), l2 = _mm512_set1_ps(c.l2);
+  const __m512 decay = _mm512_set1_ps(c.param_decay);
+  __m512i m_max = _mm512_setzero_si512(), v_max = _mm512_setzero_si512();
   for (int j = 0; j < n; j += 16) {
     const __mmask16 k = tail_mask(n - j);
-    const __m512 x = _mm512_maskz_loadu_ps(k, m + j);
-    __m512i q = _mm512_setzero_si512();
-    if (m_ok) {
-      const __m512 ax = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), magnitude_bits));
-      q = codes_of(_mm512_mul_ps(ax, ms), s_lo, s_hi, sp_lo, sp_hi, 4.0f);
-      q = _mm512_mask_sub_epi32(q, _mm512_movepi32_mask(_mm512_castps_si512(x)),
-                                _mm512_setzero_si512(), q);
-    }
-    _mm512_mask_cvtepi32_storeu_epi8(m_codes + j, k, q);
-    __m512i w = _mm512_setzero_si512();
-    if (v_ok) w = codes_of(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + j), vs), u_lo, u_hi, up_lo,
-                           up_hi, 0.0f);
-    _mm512_mask_cvtepi32_storeu_epi8(v_codes + j, k, w);
+    const __m512i mc = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, m_codes + j));
+    const __m512 mag = magnitude(_mm512_abs_epi32(mc), ma, mb);
+    __m512 m = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_xor_si512(
+                                 _mm512_castps_si512(mag), _mm512_and_si512(mc, sign_bit))),
+                             m_scale);
+    __m512 v = _mm512_mul_ps(
+        magnitude(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, v_codes + j)), va, vb), v_scale);
+    __m512 p = _mm512_maskz_loadu_ps(k, param + j);
+    __m512 g = _mm512_maskz_loadu_ps(k, grad + j);
+    if (kTransform)
+      g = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, _mm512_set1_ps(gt.inv_scale)),
+                                      _mm512_set1_ps(gt.clip_coef)),
+                        _mm512_set1_ps(gt.sign));
+    p = _mm512_mul_ps(p, decay);
+    if (kL2) g = _mm512_add_ps(g, _mm512_mul_ps(l2, p));
+    m = _mm512_add_ps(_mm512_mul_ps(b1, m), _mm512_mul_ps(omb1, g));
+    v = _mm512_add_ps(_mm512_mul_ps(b2, v), _mm512_mul_ps(omb2, _mm512_mul_ps(g, g)));
+    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), rbc2), eps);
+    p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(nss, m), denom));
+    _mm512_mask_storeu_ps(param + j, k, p);
+    _mm512_store_ps(m_new + j, m);
+    _mm512_store_ps(v_new + j, v);
+    m_max = _mm512_mask_max_epu32(m_max, k, m_max,
+                                  _mm512_and_si512(_mm512_castps_si512(m), magnitude_bits));
+    v_max = _mm512_mask_max_epu32(v_max, k, v_max,
+                                  _mm512_and_si512(_mm512_castps_si512(v), magnitude_bits));
   }
+  const float m_stored = block_absmax(bits_f32(uint32_t(_mm512_reduce_max_epu32(m_max))));
+  const float v_stored = block_absmax(bits_f32(uint32_t(_mm512_reduce_max_epu32(v_max))));
+  *m_absmax = m_stored;
+  *v_absmax = v_stored;
+  encode_avx512(m_new, v_new, m_stored, v_stored, m_codes, v_codes, n);
 }
 
 bool cpu_has_avx512() {
@@ -200,6 +274,28 @@ void decode_block(const int8_t* m_codes, const uint8_t* v_codes, float m_absmax,
   if (uses_avx512_blocks()) return decode_avx512(m_codes, v_codes, m_absmax, v_absmax, m, v, n);
 #endif
   decode_portable(m_codes, v_codes, m_absmax, v_absmax, m, v, n);
+}
+
+bool update_block_fp32(float* param, const float* grad, int8_t* m_codes, uint8_t* v_codes,
+                       float* m_absmax, float* v_absmax, int n, const LeanAdamCoefs& c,
+                       const GradTransform& gt, bool l2, bool transform) {
+#ifdef FO_HAVE_AVX512_BLOCKS
+  if (!uses_avx512_blocks()) return false;
+  if (l2) {
+    if (transform)
+      update_fp32_avx512<true, true>(param, grad, m_codes, v_codes, m_absmax, v_absmax, n, c, gt);
+    else
+      update_fp32_avx512<true, false>(param, grad, m_codes, v_codes, m_absmax, v_absmax, n, c, gt);
+  } else {
+    if (transform)
+      update_fp32_avx512<false, true>(param, grad, m_codes, v_codes, m_absmax, v_absmax, n, c, gt);
+    else
+      update_fp32_avx512<false, false>(param, grad, m_codes, v_codes, m_absmax, v_absmax, n, c, gt);
+  }
+  return true;
+#else
+  return false;
+#endif
 }
 
 void encode_block(const float* m, const float* v, float m_absmax, float v_absmax,

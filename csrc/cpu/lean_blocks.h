@@ -10,6 +10,8 @@
 #pragma once
 #include <cstdint>
 
+#include "fusedopt/math_lean.h"
+
 namespace fusedopt::cpu::lean_blocks {
 
 // Decodes n <= 256 codes: m[j] = signed value(m_codes[j]) * m_absmax, v likewise.
@@ -20,6 +22,13 @@ void decode_block(const int8_t* m_codes, const uint8_t* v_codes, float m_absmax,
 // codes (absmax 0 or NaN) get zeros.
 void encode_block(const float* m, const float* v, float m_absmax, float v_absmax,
                   int8_t* m_codes, uint8_t* v_codes, int n);
+
+// The whole step of one block with fp32 params (decode, update, absmax, encode) in one
+// AVX-512 pass over the elements plus the encode pass; false (nothing done) when the
+// AVX-512 paths are off.
+bool update_block_fp32(float* param, const float* grad, int8_t* m_codes, uint8_t* v_codes,
+                       float* m_absmax, float* v_absmax, int n, const lean::LeanAdamCoefs& c,
+                       const GradTransform& gt, bool l2, bool transform);
 
 // Forces the portable passes (true) or lets the CPU's features decide (false).
 void set_portable_blocks(bool portable);
