@@ -49,7 +49,8 @@ STATE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 COL_NUMEL, COL_PARAM, COL_M, COL_V = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 COL_M_ABSMAX, COL_V_ABSMAX, COL_MASTER = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6)
 COL_STEP, COL_STREAM, COL_NCHUNKS = tl.constexpr(7), tl.constexpr(8), tl.constexpr(9)
-NCOLS = 10
+NCOLS = tl.constexpr(10)
+BLOCK_OF_CODES = tl.constexpr(256)  # QUANT_BLOCK, for the kernels
 
 
 def _f64_bits(x: float) -> int:
@@ -128,7 +129,9 @@ def _store_param(p_ptr, master_ptr, idx, mask, p, param_bits, HAS_MASTER: tl.con
         tl.store(p_ptr + idx, _cast_for(p, p_ptr), mask=mask)
 
 
-@triton.jit
+# hyper-parameter bits and the seed change from call to call: no value specialisation
+@triton.jit(do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits",
+                               "weight_decay_bits", "seed"])
 def _lean_adam_kernel(static_ptr, grad_table_ptr, chunk_table_ptr, counter_ptr, base_p, base_m,
                       base_v, base_f32, lr_ptr, lr_bits, beta1_ptr, beta1_bits, beta2_ptr,
                       beta2_bits, eps_bits, weight_decay_bits, seed, inv_scale_ptr,
@@ -198,7 +201,7 @@ def _lean_adam_kernel(static_ptr, grad_table_ptr, chunk_table_ptr, counter_ptr, 
                 p = tl.load(master_ptr + idx, mask=mask, other=0.0)
             else:
                 p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            block = first // QUANT_BLOCK
+            block = first // BLOCK_OF_CODES
             m, v = _load_moments(m_ptr, v_ptr, ma_ptr, va_ptr, idx, mask, block, STATE)
             if DECOUPLED:
                 p = p * decay
