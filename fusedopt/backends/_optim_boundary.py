@@ -15,9 +15,11 @@ Full verification, for one bucket (see docs/architecture.md, "The kernel boundar
   ``__torch_function__`` subclass -- is refused; distributed support will unwrap here);
 - strided layout, no lazy negation/conjugation, on the bucket's device (of a type the
   backend runs on), with a data pointer and a storage that covers its elements;
-- params dense, fp32/bf16/fp16; grads of the params' dtype; states and masters fp32;
-  step counters / flags 0-dim fp32; every grad, state and master of param i has param i's
-  shape and strides (a dimension of size 1 may have any stride); list lengths equal.
+- params dense, fp32/bf16/fp16; grads of the params' dtype; states and masters fp32 (the
+  lean states of `lean_adam`: bf16 moments, or int8 / uint8 codes); step counters / flags
+  0-dim fp32; every grad, state and master of param i has param i's shape and strides (a
+  dimension of size 1 may have any stride); absmax lists of 8-bit moments: contiguous 1-D
+  fp32 with one element per 256 of the param's; list lengths equal.
 
 Fingerprint.  A verified bucket keeps a `Verified` record in the backend's ``cache`` dict;
 at every call the tensors are compared with it and fully verified again only when it
@@ -188,13 +190,25 @@ class Verified:
         return True
 
 
+BLOCKS = "blocks"  # the spec of an absmax list (one fp32 per 256 elements of the param)
+QUANT_BLOCK = 256
+
+
+def _check_blocks(t, what: str, p: torch.Tensor, pwhat: str) -> None:
+    blocks = -(-p.numel() // QUANT_BLOCK)
+    if t.dim() != 1 or t.numel() != blocks or (blocks > 1 and t.stride(0) != 1):
+        raise ValueError(f"{what} has shape {tuple(t.shape)} and strides {t.stride()}, expected "
+                         f"a contiguous ({blocks},) tensor (one absmax per 256 elements of "
+                         f"{pwhat})")
+
+
 def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Verified:
     n = len(params)
-    for name, lst in (("grads", grads),) + vectors + scalars:
+    for name, lst, *_ in (("grads", grads),) + vectors + scalars:
         if lst is not None and len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} tensors, expected {n} (one per param)")
     if n == 0:
-        return Verified(params, grads, [lst for _, lst in vectors], [lst for _, lst in scalars])
+        return Verified(params, grads, [v[1] for v in vectors], [lst for _, lst in scalars])
     p0 = local_tensor(params[0], _name(describe, "params", 0))
     device, dtype = p0.device, p0.dtype
     if device_types is not None and device.type not in device_types:
@@ -213,18 +227,23 @@ def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Ver
         what = _name(describe, "grads", i)
         _check(g, what, device, (dtype,))
         _check_like(g, what, p, _name(describe, "params", i))
-    for name, lst in vectors:
+    for name, lst, *spec in vectors:
+        spec = spec[0] if spec else (_F32,)
         for i, (t, p) in enumerate(zip(lst or (), params)):
             what = _name(describe, name, i)
-            _check(t, what, device, (_F32,))
-            _check_like(t, what, p, _name(describe, "params", i))
+            if spec == BLOCKS:
+                _check(t, what, device, (_F32,))
+                _check_blocks(t, what, p, _name(describe, "params", i))
+            else:
+                _check(t, what, device, spec)
+                _check_like(t, what, p, _name(describe, "params", i))
     for name, lst in scalars:
         for i, t in enumerate(lst or ()):
             what = _name(describe, name, i)
             _check(t, what, device, (_F32,))
             if t.dim() != 0:
                 raise ValueError(f"{what} has shape {tuple(t.shape)}, expected a 0-dim tensor")
-    return Verified(params, grads, [lst for _, lst in vectors], [lst for _, lst in scalars])
+    return Verified(params, grads, [v[1] for v in vectors], [lst for _, lst in scalars])
 
 
 def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=None,
@@ -234,10 +253,12 @@ def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=
     fingerprint returns None instead (the optimizer layer then rebuilds its plan).
 
     ``vectors``/``scalars``: tuples of (name, list or None) -- lists of numel-sized fp32
-    tensors and of 0-dim fp32 tensors.  ``describe(list_name, index)`` names a tensor in
+    tensors and of 0-dim fp32 tensors.  A vector entry may carry a third item: the tuple of
+    dtypes its tensors may have (instead of fp32; the lean moments), or `BLOCKS` for an
+    absmax list.  ``describe(list_name, index)`` names a tensor in
     the messages.  With ``vouch`` the result is left as a token for the launcher's call on
     exactly these list objects (see `release`)."""
-    lists = (params, grads) + tuple(lst for _, lst in vectors + scalars)
+    lists = (params, grads) + tuple(entry[1] for entry in vectors + scalars)
     token = cache.pop(_TOKEN, None)
     if token is not None and len(token[0]) == len(lists) and all(map(_is, token[0], lists)):
         return token[1]

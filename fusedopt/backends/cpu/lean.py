@@ -24,4 +24,4 @@ def lean_adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_a
     _check(_lean_tables.lean_adam_step(_cpu, "cpu_lean_adam", PLAN_LIMITS, params, grads,
                                        exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
                                        exp_avg_sq_absmaxes, master_params, steps, streams, cache,
-                                       **hyper), "lean_adam_step")
+                                       "cpu", **hyper), "lean_adam_step")

@@ -32,4 +32,5 @@ def lean_adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_a
         check(_lean_tables.lean_adam_step(_cuda, "cuda_lean_adam", PLAN_LIMITS, params, grads,
                                           exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
                                           exp_avg_sq_absmaxes, master_params, steps, streams,
-                                          cache, extra=(stream,), **hyper), "lean_adam_step")
+                                          cache, "cuda", extra=(stream,), **hyper),
+              "lean_adam_step")

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedopt.backends import _lean_tables as lean_tables
+from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.backends.triton import lean_math as lm
 from fusedopt.backends.triton import multi_tensor as mt
 from fusedopt.backends.triton.cross_entropy import _cast_for
@@ -43,7 +45,6 @@ __all__ = ["lean_adam_step"]
 OPS: frozenset[str] = frozenset({"lean_adam"})
 
 QUANT_BLOCK = 256
-STATE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 # static table columns
 COL_NUMEL, COL_PARAM, COL_M, COL_V = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
@@ -276,11 +277,12 @@ class LeanTables:
             self.grad_ptrs = ptrs
 
 
-def _tables(cache, params, grads, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, masters, steps,
-            streams, chunk_size):
-    lists = (params, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, masters, steps)
-    key = (chunk_size, mt.MAX_TENSORS, tuple(p.numel() for p in params), tuple(streams),
-           tuple(None if x is None else tuple(map(torch.Tensor.data_ptr, x)) for x in lists))
+def _tables(cache, verified, params, grads, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, masters,
+            steps, streams, chunk_size):
+    """The tables of a verified bucket (``_optim_boundary.verify_update``), rebuilt when an
+    address, a size, the stream ids or the launch constants changed."""
+    key = (chunk_size, mt.MAX_TENSORS, verified.numels, verified.ptr_key, streams,
+           params[0].dtype, params[0].device)
     tables = cache.get("lean_adam")
     if tables is None or tables.key != key:
         tables = LeanTables(key, params, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, masters,
@@ -290,8 +292,9 @@ def _tables(cache, params, grads, exp_avgs, exp_avg_sqs, m_absmax, v_absmax, mas
     return tables
 
 
-def _hyper_args(value, dummy):
+def _hyper_args(value, what, dummy):
     """(pointer, float64 bits, is_tensor) of a hyper-parameter (float or 0-dim tensor)."""
+    value = boundary.scalar(value, what, dummy.device)
     if torch.is_tensor(value):
         return value, 0, True
     return dummy, _f64_bits(value), False
@@ -301,24 +304,33 @@ def lean_adam_step(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_a
                    master_params, steps, streams, *, lr, beta1, beta2, eps, weight_decay,
                    maximize, decoupled, stochastic_rounding, seed, inv_scale, clip_coef, skip,
                    cache):
-    """One lean Adam/AdamW step over a bucket (contract: docs/architecture.md)."""
+    """One lean Adam/AdamW step over a bucket (contract: docs/architecture.md); every tensor
+    is verified at the kernel boundary first."""
     if not params:
         return
-    state = STATE_CODES[exp_avgs[0].dtype]
+    state = lean_tables.state_code(exp_avgs)
+    vectors = lean_tables.boundary_lists(exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
+                                         exp_avg_sq_absmaxes, master_params, state)
+    verified = boundary.verify_update(cache, params, grads, vectors, (("steps", steps),),
+                                      device_types=("cuda", "cpu"))
+    streams, seed = lean_tables.streams_and_seed(streams, seed, len(params))
     chunk = max(mt.CHUNK_SIZE, QUANT_BLOCK) if state == 2 else mt.CHUNK_SIZE
     block = QUANT_BLOCK if state == 2 else min(mt.BLOCK_SIZE, chunk)
-    tables = _tables(cache, params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
+    tables = _tables(cache, verified, params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxes,
                      exp_avg_sq_absmaxes, master_params, steps, streams, chunk)
     dummy = tables.base_f32
-    lr_ptr, lr_bits, lr_tensor = _hyper_args(lr, dummy)
-    b1_ptr, b1_bits, b1_tensor = _hyper_args(beta1, dummy)
-    b2_ptr, b2_bits, b2_tensor = _hyper_args(beta2, dummy)
+    lr_ptr, lr_bits, lr_tensor = _hyper_args(lr, "lr", dummy)
+    b1_ptr, b1_bits, b1_tensor = _hyper_args(beta1, "beta1", dummy)
+    b2_ptr, b2_bits, b2_tensor = _hyper_args(beta2, "beta2", dummy)
+    inv_scale, clip_coef, skip = (boundary.scalar(value, what, dummy.device) for value, what
+                                  in ((inv_scale, "inv_scale"), (clip_coef, "clip_coef"),
+                                      (skip, "skip")))
     low_precision = params[0].dtype != torch.float32
     for static, grad_table, chunk_table, counters, n_chunks in tables.batches:
         _lean_adam_kernel[(n_chunks,)](
             static, grad_table, chunk_table, counters, tables.base_p, tables.base_m,
             tables.base_v, tables.base_f32, lr_ptr, lr_bits, b1_ptr, b1_bits, b2_ptr, b2_bits,
-            _f64_bits(eps), _f64_bits(weight_decay), int(seed),
+            _f64_bits(eps), _f64_bits(weight_decay), seed,
             dummy if inv_scale is None else inv_scale, dummy if clip_coef is None else clip_coef,
             dummy if skip is None else skip, CHUNK=chunk, BLOCK=block, STATE=state,
             LR_TENSOR=lr_tensor, BETA1_TENSOR=b1_tensor, BETA2_TENSOR=b2_tensor,
