@@ -6,10 +6,14 @@ values moved to the param's device and cast -- with two differences: states stay
 checkpoint passed these checks, each naming the param index (its position in the
 checkpoint's groups) and the key:
 
-- a known state tensor (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``,
-  ``momentum_buffer``): a plain tensor (TypeError otherwise) with data (not meta), of a
-  dtype that casts to float32 (not complex), of the param's shape (ValueError otherwise);
-  it is copied into a new fp32 tensor with the param's device and layout;
+- a known state tensor (``max_exp_avg_sq``, ``master_param``, ``momentum_buffer``): a plain
+  tensor (TypeError otherwise) with data (not meta), of a dtype that casts to float32 (not
+  complex), of the param's shape (ValueError otherwise); it is copied into a new fp32 tensor
+  with the param's device and layout;
+- Adam's moments (``exp_avg``, ``exp_avg_sq``, and for 8-bit moments ``exp_avg_absmax``,
+  ``exp_avg_sq_absmax``): checked the same way for their format (fp32 / bf16 / 8-bit codes,
+  optim/_lean.py) and copied -- exactly when already in the group's ``state_dtype``,
+  converted otherwise (a torch checkpoint into an 8-bit optimizer is quantized);
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
@@ -44,35 +48,41 @@ def load(opt, state_dict):
         if len(g["params"]) != len(sg["params"]):
             raise ValueError(f"loaded state dict's parameter group {i} has {len(sg['params'])} "
                              f"params, the optimizer's has {len(g['params'])}")
-    id_map = {}
+    id_map, group_of = {}, {}
     for g, sg in zip(groups, saved_groups):
         id_map.update(zip(sg["params"], g["params"]))
-
-    state = {}
-    for index, entry in state_dict["state"].items():
-        p = id_map.get(index)
-        state[index if p is None else p] = entry if p is None else _entry(opt, p, index, entry)
+        group_of.update(dict.fromkeys(sg["params"], sg))
     for i, (g, sg) in enumerate(zip(groups, saved_groups)):
-        sg["params"] = g["params"]
-        if "param_names" in g and "param_names" not in sg:
-            sg["param_names"] = g["param_names"]
         for name, default in opt.defaults.items():
             sg.setdefault(name, default)
         try:
             opt._check_hyper_params(sg)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"loaded parameter group {i}: {exc}") from None
+
+    state = {}
+    for index, entry in state_dict["state"].items():
+        p = id_map.get(index)
+        state[index if p is None else p] = (entry if p is None
+                                             else _entry(opt, p, index, entry, group_of[index]))
+    for g, sg in zip(groups, saved_groups):
+        sg["params"] = g["params"]
+        if "param_names" in g and "param_names" not in sg:
+            sg["param_names"] = g["param_names"]
     return saved_groups, state
 
 
-def _entry(opt, p, index, entry) -> dict:
+def _entry(opt, p, index, entry, group) -> dict:
     if not isinstance(entry, dict):
         raise TypeError(f"the loaded state of param {index} must be a dict, got "
                         f"{type(entry).__name__}")
     out = {}
+    moments = getattr(opt, "_fo_load_moments", None)
+    if moments is not None:  # Adam: the moments in the group's state_dtype (optim/_lean.py)
+        out.update(moments(p, index, entry, group))
     for key, value in entry.items():
         what = f"the loaded state of param {index}, key {key!r},"
-        if value is None:
+        if value is None or key in out:
             continue
         if key == "step" and opt._STEP_KEY:
             out[key] = _step(value, p, what)
@@ -83,7 +93,7 @@ def _entry(opt, p, index, entry) -> dict:
             out[key] = value.to(device=p.device, copy=True)
         else:
             out[key] = value
-    return out
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _tensor(value, p, what) -> torch.Tensor:

@@ -1,0 +1,208 @@
+"""Memory-lean Adam states in the optimizer layer (docs/optimizers.md, "Memory-lean states";
+the math: docs/lean_states.md): the group options, the state tensors of each format, the
+conversions between formats and the dequantize helper for torch.optim.
+
+Formats of ``exp_avg`` / ``exp_avg_sq`` in ``optimizer.state[p]``:
+- ``torch.float32``: fp32 tensors with the param's layout (torch's format);
+- ``torch.bfloat16``: bf16 tensors with the param's layout;
+- ``torch.int8``: int8 / uint8 codes with the param's layout, plus ``exp_avg_absmax`` /
+  ``exp_avg_sq_absmax``: contiguous fp32 tensors of ceil(numel / 256) elements (blocks of
+  256 elements in memory order).
+A state in another format than its group's ``state_dtype`` (a checkpoint, a changed group
+option) is converted: decoded to fp32, then rounded to nearest (bf16) or quantized (8-bit).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.backends import lean_math as lm
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+ROUNDINGS = ("nearest", "stochastic")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+ABSMAX_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
+GROUP_KEYS = ("state_dtype", "param_rounding", "seed")
+ABSMAX_OF = dict(zip(MOMENT_KEYS, ABSMAX_KEYS))
+_F32, _BF16 = torch.float32, torch.bfloat16
+# the dtypes of (exp_avg, exp_avg_sq) per format
+MOMENT_DTYPES = {_F32: (_F32, _F32), _BF16: (_BF16, _BF16), torch.int8: (torch.int8, torch.uint8)}
+
+
+def new_seed() -> int:
+    """A seed drawn from torch's default generator (so ``torch.manual_seed`` fixes it)."""
+    return int(torch.randint(0, 2 ** 32, (), dtype=torch.int64))
+
+
+def check_options(group) -> None:
+    """The lean options of a param group (constructor defaults or a group's overrides)."""
+    state_dtype = group["state_dtype"]
+    if not isinstance(state_dtype, torch.dtype):
+        raise TypeError(f"state_dtype must be a torch.dtype, got {state_dtype!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"invalid state_dtype: {state_dtype} (expected torch.float32, "
+                         f"torch.bfloat16 or torch.int8)")
+    rounding = group["param_rounding"]
+    if not isinstance(rounding, str):
+        raise TypeError(f"param_rounding must be a string, got {rounding!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"invalid param_rounding: {rounding!r} (expected 'nearest' or "
+                         f"'stochastic')")
+    seed = group["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"invalid seed: {seed} (expected an integer in [0, 2**32))")
+    if group["amsgrad"] and (state_dtype != _F32 or rounding == "stochastic"):
+        raise ValueError(f"amsgrad=True needs state_dtype=torch.float32 and "
+                         f"param_rounding='nearest' (got state_dtype={state_dtype}, "
+                         f"param_rounding={rounding!r})")
+
+
+def is_lean(group, dtype: torch.dtype, masters: bool) -> bool:
+    """Whether a bucket of params of ``dtype`` runs the lean kernel: lean moments, or
+    stochastic rounding of bf16/fp16 params without masters."""
+    return group["state_dtype"] != _F32 or (
+        group["param_rounding"] == "stochastic" and dtype != _F32 and not masters)
+
+
+# ---------------------------------------------------------------- formats
+
+def _encode(key: str, x: torch.Tensor, state_dtype: torch.dtype, p: torch.Tensor) -> dict:
+    """{key: stored moment (, absmax key: absmax)} of the fp32 moment ``x`` (param layout)."""
+    if state_dtype == _F32:
+        return {key: x}
+    if state_dtype == _BF16:
+        return {key: x.to(_BF16)}
+    codes, absmax = lm.quantize_blocks(lm.flat_memory(x), key == "exp_avg")
+    stored = torch.empty_like(p, dtype=codes.dtype)
+    lm.flat_memory(stored).copy_(codes)
+    return {key: stored, ABSMAX_OF[key]: absmax}
+
+
+def zeros(p: torch.Tensor, key: str, state_dtype: torch.dtype) -> dict:
+    """A moment of a param's first step, in ``state_dtype``."""
+    dtype = MOMENT_DTYPES[state_dtype][MOMENT_KEYS.index(key)]
+    out = {key: torch.zeros_like(p, dtype=dtype)}
+    if state_dtype == torch.int8:
+        out[ABSMAX_OF[key]] = torch.zeros(lm.num_blocks(p.numel()), dtype=_F32, device=p.device)
+    return out
+
+
+def _tensor(value, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
+    boundary.local_tensor(value, what)
+    if value.layout != torch.strided:
+        raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
+    if value.device.type == "meta":
+        raise ValueError(f"{what} is a meta tensor: it has no data")
+    if value.is_neg() or value.is_conj():
+        raise ValueError(f"{what} is a lazily negated view")
+    return value
+
+
+def stored_moment(entry: dict, key: str, p: torch.Tensor, name):
+    """(format, tensors) of moment ``key`` of ``entry``: (None, ()) when absent; ("8bit",
+    (codes, absmax)) for codes of the 8-bit format (int8 exp_avg / uint8 exp_avg_sq with
+    their absmax key); (torch.bfloat16 or torch.float32, (tensor,)) for a real tensor of the
+    param's shape (any dtype that casts to float32, as torch's loader).  Raises TypeError /
+    ValueError with ``name(key)`` naming the value."""
+    value = entry.get(key)
+    if value is None:
+        return None, ()
+    what = name(key)
+    value = _tensor(value, what)
+    if value.shape != p.shape:
+        raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
+                         f"(the param's shape)")
+    absmax = entry.get(ABSMAX_OF[key])
+    code_dtype = MOMENT_DTYPES[torch.int8][MOMENT_KEYS.index(key)]
+    if absmax is not None and value.dtype == code_dtype:
+        absmax_what = name(ABSMAX_OF[key])
+        absmax = _tensor(absmax, absmax_what)
+        blocks = lm.num_blocks(p.numel())
+        if absmax.dtype != _F32 or absmax.shape != (blocks,):
+            raise ValueError(f"{absmax_what} must be a float32 tensor of shape ({blocks},) (one "
+                             f"absmax per 256 elements), got {absmax.dtype} "
+                             f"{tuple(absmax.shape)}")
+        return "8bit", (value, absmax)
+    if value.is_quantized or value.is_complex() or not torch.can_cast(value.dtype, _F32):
+        raise TypeError(f"{what} has dtype {value.dtype}, which does not cast to torch.float32")
+    return (_BF16 if value.dtype == _BF16 else _F32), (value,)
+
+
+def decoded(fmt, tensors, p: torch.Tensor) -> torch.Tensor:
+    """The fp32 moment (the param's layout, on its device) of a stored one of any format."""
+    value = _decode_in_place(*tensors) if fmt == "8bit" else tensors[0]
+    copy = torch.empty_like(p, dtype=_F32)
+    copy.copy_(value)
+    return copy
+
+
+def _decode_in_place(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 values of 8-bit codes, in the codes' own layout (their blocks follow the codes'
+    memory order; a non-dense codes tensor is read in logical order)."""
+    dense = codes if boundary.is_dense(codes) else codes.contiguous()
+    out = torch.empty_like(dense, dtype=_F32)
+    lm.flat_memory(out).copy_(lm.dequantize_blocks(lm.flat_memory(dense),
+                                                   absmax.to(dense.device)))
+    return out
+
+
+def _in_place_already(fmt, tensors, key, p, state_dtype) -> bool:
+    value = tensors[0]
+    target = MOMENT_DTYPES[state_dtype][MOMENT_KEYS.index(key)]
+    if value.dtype != target or value.device != p.device or not boundary.same_layout(value, p):
+        return False
+    if state_dtype == torch.int8:
+        return fmt == "8bit" and tensors[1].device == p.device and tensors[1].is_contiguous()
+    return fmt != "8bit"
+
+
+def converted(entry: dict, p: torch.Tensor, state_dtype: torch.dtype, name) -> dict:
+    """The moments of ``entry`` that are not in ``state_dtype`` with the param's device and
+    layout, converted: {key: new tensor}, absmax keys included for 8-bit (empty when nothing
+    needs converting; absent moments are left absent).  ``name(key)`` names a value in
+    errors."""
+    out = {}
+    for key in MOMENT_KEYS:
+        fmt, tensors = stored_moment(entry, key, p, name)
+        if fmt is None or _in_place_already(fmt, tensors, key, p, state_dtype):
+            continue
+        out.update(_encode(key, decoded(fmt, tensors, p), state_dtype, p))
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def dequantize_state_dict(state_dict: dict) -> dict:
+    """A copy of a fused Adam checkpoint with fp32 moments and no lean keys, loadable into
+    ``torch.optim.Adam`` / ``AdamW`` (and into a fused optimizer of any state_dtype).
+
+    bf16 moments are widened, 8-bit ones decoded (codes times their block's absmax, blocks
+    of 256 elements in the codes' memory order); ``exp_avg_absmax`` / ``exp_avg_sq_absmax``
+    and the groups' ``state_dtype`` / ``param_rounding`` / ``seed`` are dropped.  The input
+    is not modified."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict \
+            or "param_groups" not in state_dict:
+        raise ValueError("a state dict must be a dict with 'state' and 'param_groups' entries")
+    out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
+    out["param_groups"] = [{k: v for k, v in g.items() if k not in GROUP_KEYS}
+                           for g in state_dict["param_groups"]]
+    out["state"] = {}
+    for index, entry in state_dict["state"].items():
+        if not isinstance(entry, dict):
+            out["state"][index] = entry
+            continue
+        new = {k: v for k, v in entry.items() if k not in ABSMAX_KEYS}
+        for key in MOMENT_KEYS:
+            value = entry.get(key)
+            if not isinstance(value, torch.Tensor):
+                continue
+            fmt, tensors = stored_moment(entry, key, value,
+                                         lambda k, i=index: f"state[{i}][{k!r}]")
+            new[key] = _decode_in_place(*tensors) if fmt == "8bit" else value.float()
+        out["state"][index] = new
+    return out
