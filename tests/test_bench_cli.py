@@ -147,7 +147,8 @@ def test_byte_models():
     rows, classes = cases.SIZES["cpu"]["tiny"]["loss"][0]
     assert [c.label for c in ce] == ["cross_entropy", "cross_entropy ls=0.1"]
     assert all(c.bytes_per_run == 3 * rows * classes * 4 for c in ce)
-    for op, per_param in (("adam", 28), ("adamw", 28), ("sgd", 20), ("adamw_amp_clip", 32)):
+    for op, per_param in (("adam", 28), ("adamw", 28), ("sgd", 20), ("adamw_amp_clip", 32),
+                          ("adamw_bf16", 20), ("adamw_int8", 16)):
         (case,) = cases.build_cases("cpu", "tiny", [op])
         n_params = sum(p.numel() for p in case.inputs()["params"])
         assert case.bytes_per_run == per_param * n_params, op
@@ -309,10 +310,15 @@ def test_spec_targets_are_checked_on_the_matching_rows(tiny_run):
 
     adamw = fake_case("adamw", [cases.Candidate("fusedopt[cpu]", cases.FUSEDOPT, None, "cpu"),
                                 cases.Candidate("fusedopt[torch]", cases.FUSEDOPT, None, "torch"),
-                                cases.Candidate("torch AdamW(foreach)", cases.BASELINE, None)])
-    ms = {"fusedopt[cpu]": 1.0, "fusedopt[torch]": 0.5, "torch AdamW(foreach)": 6.0}
+                                cases.Candidate("torch AdamW(fused)", cases.BASELINE, None)])
+    ms = {"fusedopt[cpu]": 1.0, "fusedopt[torch]": 0.5, "torch AdamW(fused)": 0.97}
     timings = {k: timing.Timing(v / 1e3, v / 1e3, v / 1e3, 3, 1) for k, v in ms.items()}
     rows = report.make_rows(adamw, timings, {}, copy_bw=1e9)
+    lean = fake_case("adamw_int8", [cases.Candidate("fusedopt[cpu]", cases.FUSEDOPT, None, "cpu"),
+                                    cases.Candidate("torch AdamW(fused)", cases.BASELINE, None)])
+    timings = {"fusedopt[cpu]": timing.Timing(1e-3, 1e-3, 1e-3, 3, 1),
+               "torch AdamW(fused)": timing.Timing(1.1e-3, 1.1e-3, 1.1e-3, 3, 1)}
+    rows += report.make_rows(lean, timings, {}, copy_bw=1e9)
     ce = fake_case("cross_entropy", [cases.Candidate("fusedopt[cpu]", cases.FUSEDOPT, None, "cpu"),
                                      cases.Candidate("torch eager", cases.BASELINE, None)])
     timings = {"fusedopt[cpu]": timing.Timing(1e-3, 1e-3, 1e-3, 3, 1),
@@ -320,9 +326,11 @@ def test_spec_targets_are_checked_on_the_matching_rows(tiny_run):
     rows += report.make_rows(ce, timings, {}, copy_bw=1e9)
     found = report.targets(rows)
     assert [(t["case"], t["candidate"], t["met"]) for t in found] == [
-        ("adamw", "fusedopt[cpu]", True), ("cross_entropy", "fusedopt[cpu]", False)]
-    assert found[0]["value"] == pytest.approx(6.0) and found[0]["goal"] == 5.0
-    assert found[1]["value"] == pytest.approx(3.0) and found[1]["goal"] == 4.0
+        ("adamw", "fusedopt[cpu]", True), ("adamw_int8", "fusedopt[cpu]", False),
+        ("cross_entropy", "fusedopt[cpu]", False)]
+    assert found[0]["value"] == pytest.approx(0.97) and found[0]["goal"] == 0.95
+    assert found[1]["value"] == pytest.approx(1.1) and found[1]["goal"] == 1.2
+    assert found[2]["value"] == pytest.approx(3.0) and found[2]["goal"] == 4.0
     _, doc, _ = tiny_run
     for t in doc["targets"]:
         assert t["met"] == (t["value"] >= t["goal"])

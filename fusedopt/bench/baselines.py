@@ -1,4 +1,5 @@
-"""What fusedopt is measured against: torch eager, torch.compile, torch.optim, Liger, apex.
+"""What fusedopt is measured against: torch eager, torch.compile, torch.optim, Liger, apex,
+DeepSpeed's CPUAdam, torchao's and bitsandbytes' 8-bit AdamW.
 
 Every builder returns a zero-argument callable that runs one forward+backward of a loss or
 one optimizer step, or raises `Skip` with the reason it cannot run here (a library not
@@ -175,4 +176,53 @@ def apex_optimizer_step(kind: str, params):
         opt.step()
     except Exception as exc:
         raise Skip(f"apex {kind} failed: {first_line(exc)}") from None
+    return opt.step
+
+
+def deepspeed_cpu_adam_step(params):
+    """DeepSpeed's CPU Adam in AdamW mode (its C++/SIMD kernel), on CPU tensors."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as exc:  # not installed, or its extension cannot be built here
+        raise Skip(f"DeepSpeed's CPUAdam is not available ({first_line(exc)}); "
+                   f"pip install deepspeed") from None
+    if params[0].device.type != "cpu":
+        raise Skip("DeepSpeedCPUAdam runs on CPU tensors only")
+    try:
+        opt = DeepSpeedCPUAdam(params, **OPTIMIZER_KWARGS["adamw"], adamw_mode=True)
+        opt.step()
+    except Exception as exc:
+        raise Skip(f"DeepSpeedCPUAdam failed: {first_line(exc)}") from None
+    return opt.step
+
+
+def torchao_adamw8bit_step(params):
+    """torchao's AdamW8bit (blockwise 8-bit states)."""
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        try:
+            from torchao.prototype.low_bit_optim import AdamW8bit
+        except ImportError:
+            raise Skip("torchao is not installed (pip install torchao)") from None
+    try:
+        opt = AdamW8bit(params, **OPTIMIZER_KWARGS["adamw"])
+        opt.step()
+    except Exception as exc:
+        raise Skip(f"torchao AdamW8bit failed: {first_line(exc)}") from None
+    return opt.step
+
+
+def bnb_adamw8bit_step(params):
+    """bitsandbytes' AdamW8bit (blockwise 8-bit states)."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:
+        raise Skip(f"bitsandbytes is not available ({first_line(exc)}); "
+                   f"pip install bitsandbytes") from None
+    try:
+        opt = bnb.optim.AdamW8bit(params, **OPTIMIZER_KWARGS["adamw"])
+        opt.step()
+    except Exception as exc:
+        raise Skip(f"bitsandbytes AdamW8bit failed: {first_line(exc)}") from None
     return opt.step

@@ -11,6 +11,9 @@ Byte models (bytes one call must move at least; GB/s = bytes / median time):
   (forward reads the logits, the fused pass writes the gradient, backward is free);
 * sigmoid_focal_loss: read logits and targets, write the gradient = 3 * numel * elem_size;
 * adam, adamw (fp32): read p, g, m, v and write p, m, v = 28 B/param;
+* adamw_bf16 (fp32 params, bf16 moments): read p, g (8) + m, v (4), write p (4) + m, v (4)
+  = 20 B/param; adamw_int8 (8-bit moments): 8 + 2 read, 4 + 2 written = 16 B/param (the
+  absmax, 8 B per 256 params each way, left out);
 * sgd with momentum (fp32): read p, g, buf and write p, buf = 20 B/param;
 * adamw_amp_clip (fp32, loss scale + global-norm clip): 28 + 4 (g read again for the
   norm) = 32 B/param;
@@ -36,17 +39,21 @@ from fusedopt.bench.timing import DEVICE_TIME, HOST_TIME, free_memory
 FUSEDOPT, BASELINE = "fusedopt", "baseline"
 
 LOSS_OPS = ("cross_entropy", "focal_loss", "sigmoid_focal_loss")
-OPTIM_OPS = ("adam", "adamw", "sgd", "adamw_amp_clip", "step_host")
+OPTIM_OPS = ("adam", "adamw", "adamw_bf16", "adamw_int8", "sgd", "adamw_amp_clip", "step_host")
+# the memory-lean AdamW cases: state_dtype of FusedAdamW
+LEAN_OPS = {"adamw_bf16": torch.bfloat16, "adamw_int8": torch.int8}
 OPS = LOSS_OPS + OPTIM_OPS
 
 # The backend op (backends.OPS) each benchmark op runs on.
 BACKEND_OP = {"cross_entropy": "cross_entropy", "focal_loss": "focal_loss",
               "sigmoid_focal_loss": "sigmoid_focal_loss", "adam": "adam", "adamw": "adam",
-              "sgd": "sgd", "adamw_amp_clip": "adam", "step_host": "adam"}
+              "sgd": "sgd", "adamw_amp_clip": "adam", "step_host": "adam",
+              "adamw_bf16": "lean_adam", "adamw_int8": "lean_adam"}
 
 LABEL_SMOOTHING = 0.1
 FOCAL_GAMMA, SIGMOID_ALPHA = 2.0, 0.25
-BYTES_PER_PARAM = {"adam": 28, "adamw": 28, "sgd": 20, "adamw_amp_clip": 32}
+BYTES_PER_PARAM = {"adam": 28, "adamw": 28, "sgd": 20, "adamw_amp_clip": 32, "adamw_bf16": 20,
+                   "adamw_int8": 16}
 
 # Sizes per device type and size set: loss shapes (rows, classes), loss dtype, optimizer
 # parameter count, number of tensors of the step_host model.
@@ -259,9 +266,40 @@ def _fo_amp_clip_step(params, backend):
     return run
 
 
-def _optim_candidates(op, names, device):
-    kind = "adamw" if op in ("adamw_amp_clip", "step_host") else op
+def _state_bytes_note(op, name, opt, params):
+    """The optimizer state a fusedopt candidate keeps, per param (measured after a step)."""
+    n = sum(p.numel() for p in params)
+    state = sum(t.numel() * t.element_size() for entry in opt.state.values()
+                for k, t in entry.items() if torch.is_tensor(t) and k != "step")
+    return f"{op}: {name} keeps {state / n:.2f} B/param of optimizer state (fp32 AdamW: 8)"
+
+
+def _fo_lean_step(op, name, params, backend, notes):
+    opt = _fo_optimizer("adamw", params, backend, state_dtype=LEAN_OPS[op])
+    opt.step()
+    notes.append(_state_bytes_note(op, name, opt, params))
+    return opt.step
+
+
+def _optim_candidates(op, names, device, notes):
+    kind = "adamw" if op in ("adamw_amp_clip", "step_host") or op in LEAN_OPS else op
     out = []
+    if op in LEAN_OPS:
+        for name in names:
+            build = (lambda b, c: lambda inp: _fo_lean_step(op, c, inp["params"], b, notes))(
+                name, f"fusedopt[{name}]")
+            out.append(Candidate(f"fusedopt[{name}]", FUSEDOPT, build, name))
+        out.append(Candidate("torch AdamW(fused)", BASELINE,
+                             lambda inp: bl.torch_optimizer_step("adamw", inp["params"], "fused")))
+        if op == "adamw_int8":
+            out.append(Candidate("torchao AdamW8bit", BASELINE,
+                                 lambda inp: bl.torchao_adamw8bit_step(inp["params"])))
+            out.append(Candidate("bitsandbytes AdamW8bit", BASELINE,
+                                 lambda inp: bl.bnb_adamw8bit_step(inp["params"])))
+        if device.type == "cpu":
+            out.append(Candidate("DeepSpeed CPUAdam", BASELINE,
+                                 lambda inp: bl.deepspeed_cpu_adam_step(inp["params"])))
+        return out
     for name in names:
         if op == "adamw_amp_clip":
             build = (lambda b: lambda inp: _fo_amp_clip_step(inp["params"], b))(name)
@@ -280,6 +318,9 @@ def _optim_candidates(op, names, device):
     if op in ("adam", "adamw", "sgd"):
         out.append(Candidate("apex", BASELINE,
                              lambda inp: bl.apex_optimizer_step(kind, inp["params"])))
+    if op == "adamw" and device.type == "cpu":
+        out.append(Candidate("DeepSpeed CPUAdam", BASELINE,
+                             lambda inp: bl.deepspeed_cpu_adam_step(inp["params"])))
     return out
 
 
@@ -300,7 +341,8 @@ def _fit_params(op, target, n_candidates, device):
 
 def _optim_case(op, size, device, only):
     names, left_out = fusedopt_backends(op, device, only)
-    candidates = _optim_candidates(op, names, device)
+    notes: list[str] = []
+    candidates = _optim_candidates(op, names, device, notes)
     if op == "step_host":
         shapes = host_model_shapes(size["host_tensors"])
         bytes_per_param, metric, note = None, HOST_TIME, None
@@ -311,10 +353,13 @@ def _optim_case(op, size, device, only):
         target, note = _fit_params(op, size["params"], len(holders), device)
         shapes = model_shapes(target)
         bytes_per_param, metric = BYTES_PER_PARAM[op], DEVICE_TIME
-        model = {28: "read p,g,m,v + write p,m,v: 28 B/param",
-                 20: "read p,g,buf + write p,buf: 20 B/param",
-                 32: "g read twice (norm + update), p,m,v read+written: 32 B/param",
-                 }[bytes_per_param]
+        model = {"adam": "read p,g,m,v + write p,m,v: 28 B/param",
+                 "adamw": "read p,g,m,v + write p,m,v: 28 B/param",
+                 "sgd": "read p,g,buf + write p,buf: 20 B/param",
+                 "adamw_amp_clip": "g read twice (norm + update), p,m,v read+written: 32 B/param",
+                 "adamw_bf16": "fp32 p,g + bf16 m,v read, p,m,v written: 20 B/param",
+                 "adamw_int8": "fp32 p,g + 8-bit m,v read, p,m,v written: 16 B/param",
+                 }[op]
     n_params = sum(math.prod(s) for s in shapes)
     shape = f"{n_params / 1e6:.2f}M params in {len(shapes)} tensors"
     case = Case(op, op, shape, torch.float32, device,
@@ -322,6 +367,8 @@ def _optim_case(op, size, device, only):
                 partial(_optim_inputs, shapes, device), candidates, metric, left_out)
     if note:
         case.notes.append(note)
+    notes.extend(case.notes)
+    case.notes = notes  # the same list: the state notes are added when the candidates run
     return case
 
 

@@ -169,10 +169,10 @@ def run(args, argv, console) -> int:
     with make_progress(console) as progress:
         task = progress.add_task("benchmarks", total=len(cases))
         for case in cases:
-            notes.extend(case.notes)
             skipped.extend({"case": case.group, "candidate": name, "reason": reason}
                            for name, reason in case.skipped)
             rows.extend(_run_case(case, device, settings, copy_bw, skipped, errors, progress, task))
+            notes.extend(case.notes)  # after the run: some are measured by the candidates
             case.release()
             gc.collect()
             progress.advance(task)
