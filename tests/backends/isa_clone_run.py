@@ -25,7 +25,7 @@ import sys
 import torch
 
 from fusedopt import _cpu
-from fusedopt.backends.cpu import losses, optim, vocab_parallel
+from fusedopt.backends.cpu import lean, losses, optim, vocab_parallel
 
 _R_X86_64_IRELATIVE, _SHT_SYMTAB, _SHT_RELA, _PT_GNU_RELRO = 37, 2, 4, 0x6474E552
 
@@ -136,6 +136,41 @@ def run_optimizers(h):
                                maximize=nesterov, inv_scale=scalar(0.25), clip_coef=None,
                                skip=None, cache={})
             _digest(h, *params, *(buffers or []), *flags)
+    run_lean(h, shapes, rand, scalar)
+
+
+def run_lean(h, shapes, rand, scalar):
+    """The lean Adam kernel (bf16 / 8-bit moments, stochastic rounding), its portable loops
+    forced (the AVX-512 ones are not clones: they run whenever the CPU has AVX-512)."""
+    f32 = torch.float32
+    _cpu.set_portable_lean_blocks(True)
+    try:
+        for dtype, state, master in [(torch.float32, "int8", False), (torch.bfloat16, "bf16", False),
+                                     (torch.float16, "int8", False), (torch.bfloat16, "f32", False),
+                                     (torch.bfloat16, "int8", True)]:
+            params = rand(dtype)
+            if state == "int8":
+                m = [torch.zeros(s, dtype=torch.int8) for s in shapes]
+                v = [torch.zeros(s, dtype=torch.uint8) for s in shapes]
+                absmax = [[torch.zeros(-(-p.numel() // 256)) for p in params] for _ in range(2)]
+            else:
+                sd = torch.bfloat16 if state == "bf16" else f32
+                m, v = ([torch.zeros(s, dtype=sd) for s in shapes] for _ in range(2))
+                absmax = [None, None]
+            masters = [p.float() for p in params] if master else None
+            steps = [torch.zeros((), dtype=f32) for _ in shapes]
+            for k in range(2):
+                lean.lean_adam_step(params, rand(dtype), m, v, *absmax, masters, steps,
+                                    list(range(len(shapes))), lr=scalar(1e-2) if k else 3e-3,
+                                    beta1=0.9, beta2=scalar(0.99), eps=1e-8, weight_decay=0.1,
+                                    maximize=bool(k), decoupled=not master,
+                                    stochastic_rounding=True, seed=77,
+                                    inv_scale=scalar(0.5) if k else None, clip_coef=None,
+                                    skip=scalar(0.0), cache={})
+            _digest(h, *params, *m, *v, *(absmax[0] or []), *(absmax[1] or []),
+                    *(masters or []), *steps)
+    finally:
+        _cpu.set_portable_lean_blocks(False)
 
 
 def run_losses(h):

@@ -2,9 +2,9 @@
 every inner loop for x86-64-v4, x86-64-v3 and baseline x86-64 and the loader picks one
 from the CPU; isa_clone_run.py forces each clone of the built extension in turn (it points
 the ifunc slots at ``<function>.<clone>``) and hashes the outputs of the optimizer kernels
-(Adam/AdamW, SGD, the norm; fp32/bf16/fp16, every option) and of the loss kernels (the
-vocab-parallel ones included).  A clone the CPU cannot run is skipped with the missing
-features named."""
+(Adam/AdamW, SGD, the norm, lean Adam; fp32/bf16/fp16, every option) and of the loss
+kernels (the vocab-parallel ones included).  A clone the CPU cannot run is skipped with the
+missing features named."""
 
 import platform
 import subprocess
