@@ -4,13 +4,13 @@ divisions and square roots: the GPU rounds every operation as the interpreter, t
 the torch backends do (docs/lean_states.md)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from _subprocess import OUTSIDE, package_env
 from fusedopt import backends
 
 _OK, _REASON = backends.status("triton")
@@ -22,9 +22,10 @@ def test_lean_kernel_lowers_without_fused_multiply_adds():
     pytest.importorskip("triton.backends.nvidia.compiler",
                         reason="triton has no NVIDIA backend here")
     script = Path(__file__).with_name("triton_lean_lowering.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = package_env()
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=OUTSIDE,
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode == 3:
         pytest.skip(f"cannot compile for sm_90 here: {proc.stdout.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
