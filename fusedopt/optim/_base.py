@@ -19,6 +19,7 @@ State lives in ``self._fo_state`` (param -> dict of tensors, torch's keys), show
 
 from __future__ import annotations
 
+import os
 from itertools import chain
 from numbers import Real
 
@@ -34,8 +35,8 @@ from fusedopt.optim._state import StateMixin
 _F32 = torch.float32
 
 
-def _to(value, device):
-    """A one-element tensor (a flag, a scale) as a 0-dim fp32 tensor on ``device``; None
+def _to(value, device, dtype=_F32):
+    """A one-element tensor (a flag, a scale) as a 0-dim ``dtype`` tensor on ``device``; None
     unchanged.  A copy from the CPU to an accelerator is non-blocking (the source is
     staged at once: no wait for the device); one to the CPU waits for the source device."""
     if value is None:
@@ -44,7 +45,7 @@ def _to(value, device):
         value = value.reshape(())
     if value.device != device:
         value = value.to(device, non_blocking=device.type != "cpu")
-    return value if value.dtype == _F32 else value.to(_F32)
+    return value if value.dtype == dtype else value.to(dtype)
 
 
 def _hyper(value, device, name="lr"):
@@ -78,12 +79,31 @@ def _amp_scalar(value, name):
     return value.reshape(())
 
 
+def _wide_backend(op, device, dtype, backend, what):
+    """The `torch` backend for params the compiled kernels do not take (fp64, complex); a
+    TypeError when another backend was named (argument or FUSEDOPT_BACKEND)."""
+    forced = backend is None and bool(os.environ.get("FUSEDOPT_BACKEND"))
+    name = backend if backend is not None else os.environ.get("FUSEDOPT_BACKEND") or "torch"
+    if name != "torch":
+        origin = " (forced by FUSEDOPT_BACKEND)" if forced else ""
+        raise TypeError(
+            f"{what or 'a param'} has dtype {dtype}, which fusedopt backend {name!r}{origin} "
+            f"cannot step: its kernels take float32, bfloat16 and float16 params; "
+            f"backend=None (or 'torch') steps {dtype} params with torch's math")
+    return backends.select(op, device, "torch")
+
+
 class FusedOptimizer(StateMixin, Optimizer):
     """Base class of FusedAdam/FusedAdamW/FusedSGD (not public)."""
 
     # torch.amp.GradScaler hands us `grad_scale` / `found_inf` instead of unscaling itself
     _step_supports_amp_scaling = True
     _OP = ""  # "adam" | "sgd"
+    # loading a param group that lacks a key sets _LOAD_DEFAULTS[key] (else the default);
+    # _FORCED is set in every loaded or unpickled group (torch's AdamW: decoupled decay)
+    _LOAD_DEFAULTS: dict = {}
+    _FORCED: dict = {}
+    _SPARSE_GRADS = False  # sparse COO gradients are stepped (made dense), as torch's SGD does
 
     def __init__(self, params, defaults, *, max_grad_norm, track_grad_norm, skip_nonfinite,
                  master_weights, backend):
@@ -122,7 +142,7 @@ class FusedOptimizer(StateMixin, Optimizer):
             for p in self.param_groups[-1]["params"]:
                 _checks.param(p)
                 if p.device.type != "meta":  # materialised later (e.g. to_empty) is fine
-                    self._backend_for(p.device)
+                    self._backend_for(p.device, p.dtype, f"a param of shape {tuple(p.shape)}")
         except Exception:
             self.param_groups.pop()
             raise
@@ -131,11 +151,15 @@ class FusedOptimizer(StateMixin, Optimizer):
     def _check_hyper_params(self, group):  # per optimizer
         raise NotImplementedError
 
-    def _backend_for(self, device):
-        mod = self._fo_backends.get(device)
+    def _backend_for(self, device, dtype=_F32, what=None):
+        """The backend of the params of (device, dtype); ``what`` names a param in errors."""
+        mod = self._fo_backends.get((device, dtype))
         if mod is None:
-            mod = backends.select(self._OP, device, self.backend)
-            self._fo_backends[device] = mod
+            if dtype in boundary.WIDE_DTYPES:
+                mod = _wide_backend(self._OP, device, dtype, self.backend, what)
+            else:
+                mod = backends.select(self._OP, device, self.backend)
+            self._fo_backends[(device, dtype)] = mod
         return mod
 
     # ---------------------------------------------------------------- step
@@ -190,7 +214,8 @@ class FusedOptimizer(StateMixin, Optimizer):
 
         for bucket, hyper in zip(buckets, hypers):
             dev = bucket.device
-            self._run_bucket(bucket, hyper, _to(inv_scale, dev), _to(clip_coef, dev), _to(skip, dev))
+            self._run_bucket(bucket, hyper, _to(inv_scale, dev),
+                             _to(clip_coef, dev, bucket.math_dtype), _to(skip, dev))
 
     def _fo_release(self):
         """Drop the boundary tokens of this step (they hold its gradient lists)."""
@@ -212,11 +237,12 @@ class FusedOptimizer(StateMixin, Optimizer):
         return self.__dict__.pop("_fo_found_inf")
 
     def _global_norm(self, buckets, inv_scale, home):
-        """(Σ g², any inf/NaN) over every gradient of the step, on ``home``."""
+        """(Σ g², any inf/NaN) over every gradient of the step, on ``home``: fp32, or fp64
+        when fp64 / complex128 params take part (summed in fp64, as clip_grad_norm_ does)."""
         per_kind: dict[tuple, list] = {}
         for bucket in buckets:
             per_kind.setdefault((bucket.device, bucket.dtype), []).append(bucket)
-        total = None
+        parts = []
         for (device, dtype), group in per_kind.items():
             if len(group) == 1:
                 grads, numels, ptrs = group[0].grads, group[0].verified.numels, \
@@ -227,9 +253,14 @@ class FusedOptimizer(StateMixin, Optimizer):
                 ptrs = list(chain.from_iterable(b.verified.grad_ptrs for b in group))
             cache = self._fo_norm_caches.setdefault((device, dtype), {})
             boundary.vouch_norm(cache, grads, numels, ptrs)
-            res = self._backend_for(device).multi_tensor_norm(grads, _to(inv_scale, device), cache)
-            res = res.to(home, non_blocking=home.type != "cpu")
-            total = res if total is None else torch.stack([total[0] + res[0], torch.maximum(total[1], res[1])])
+            res = self._backend_for(device, dtype).multi_tensor_norm(
+                grads, _to(inv_scale, device), cache)
+            parts.append(res.to(home, non_blocking=home.type != "cpu"))
+        if any(res.dtype == torch.float64 for res in parts):
+            parts = [res.to(torch.float64) for res in parts]
+        total = parts[0]
+        for res in parts[1:]:
+            total = torch.stack([total[0] + res[0], torch.maximum(total[1], res[1])])
         return total[0], total[1]
 
     # per optimizer: the group settings that shape the state lists; the checked state lists

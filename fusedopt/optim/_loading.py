@@ -8,12 +8,17 @@ checkpoint's groups) and the key:
 
 - a known state tensor (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``,
   ``momentum_buffer``): a plain tensor (TypeError otherwise) with data (not meta), of a
-  dtype that casts to float32 (not complex), of the param's shape (ValueError otherwise);
-  it is copied into a new fp32 tensor with the param's device and layout;
+  dtype that casts to the param's state dtype (float32; a float64 / complex param's own
+  dtype), of the param's shape (ValueError otherwise); it is copied into a new tensor of
+  the state dtype with the param's device and layout (a sparse COO one, which torch's SGD
+  keeps for sparse gradients, made dense);
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
   created at the next step as at a first step; other keys are kept as they are;
+- a group without a key the optimizer has gets its default (``decoupled_weight_decay``:
+  False on FusedAdam, as torch's Adam does), and FusedAdamW sets
+  ``decoupled_weight_decay=True`` in every group, as torch's AdamW does;
 - the loaded hyper-parameters pass the same checks as the constructor's.
 """
 
@@ -27,7 +32,6 @@ import torch
 from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim import _checks
 
-_F32 = torch.float32
 
 
 def load(opt, state_dict):
@@ -57,7 +61,8 @@ def load(opt, state_dict):
         if "param_names" in g and "param_names" not in sg:
             sg["param_names"] = g["param_names"]
         for name, default in opt.defaults.items():
-            sg.setdefault(name, default)
+            sg.setdefault(name, opt._LOAD_DEFAULTS.get(name, default))
+        sg.update(opt._FORCED)
         try:
             opt._check_hyper_params(sg)
         except (TypeError, ValueError) as exc:
@@ -90,16 +95,20 @@ def _tensor(value, p, what) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
     boundary.local_tensor(value, what)
-    if value.layout != torch.strided:
+    if value.layout not in (torch.strided, torch.sparse_coo):
         raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
-    if value.is_quantized or value.is_complex() or not torch.can_cast(value.dtype, _F32):
-        raise TypeError(f"{what} has dtype {value.dtype}, which does not cast to torch.float32")
+    target = boundary.state_dtype(p.dtype)
+    if value.is_quantized or (value.is_complex() and not target.is_complex) \
+            or not torch.can_cast(value.dtype, target):
+        raise TypeError(f"{what} has dtype {value.dtype}, which does not cast to {target}")
     if value.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor: it has no data to load")
     if value.shape != p.shape:
         raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
                          f"(the param's shape)")
-    copy = torch.empty_like(p, dtype=_F32)
+    if value.layout == torch.sparse_coo:  # torch's SGD keeps sparse buffers for sparse grads
+        value = _checks.sparse_values(value.cpu(), what).to_dense()
+    copy = torch.empty_like(p, dtype=target)
     copy.copy_(value)
     return copy
 

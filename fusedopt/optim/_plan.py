@@ -27,6 +27,7 @@ from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim import _checks
 
 _F32 = torch.float32
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # the param dtypes that may have fp32 masters
 _GRAD = torch.Tensor.grad.__get__
 _is = operator.is_
 _entry_get = dict.get
@@ -46,12 +47,15 @@ class Bucket:
 
     __slots__ = ("gi", "group", "index", "positions", "params", "device", "dtype", "backend",
                  "lists", "state_lists", "copy_idx", "grads", "cache", "verified", "entries",
-                 "version")
+                 "version", "wide", "math_dtype", "sparse_ok")
 
     def __init__(self, gi, group, positions, params, device, dtype, backend, cache):
         self.gi, self.group, self.positions = gi, group, positions
         self.index = None if positions == list(range(len(group["params"]))) else positions
         self.params, self.device, self.dtype = params, device, dtype
+        self.wide = dtype in boundary.WIDE_DTYPES  # stepped by the `torch` backend
+        self.math_dtype = boundary.state_dtype(dtype).to_real()
+        self.sparse_ok = False
         self.backend, self.cache = backend, cache
         self.lists: dict = {}
         self.state_lists: tuple = ()
@@ -145,7 +149,7 @@ def _refresh(opt, b: Bucket, grads) -> bool:
                 return False
         vectors, scalars = opt._boundary_lists(b)
         b.verified = boundary.verify_update(b.cache, b.params, g, vectors, scalars,
-                                            vouch=True, fingerprint_only=True)
+                                            vouch=True, fingerprint_only=True, wide=b.wide)
     except Exception:  # anything unexpected: rebuild the plan, which checks in full
         return False
     b.grads = g
@@ -153,12 +157,17 @@ def _refresh(opt, b: Bucket, grads) -> bool:
 
 
 def _copies(b: Bucket, grads) -> list:
-    """The gradients with those at ``copy_idx`` copied to their param's layout."""
+    """The gradients with those at ``copy_idx`` copied to their param's layout (a sparse
+    one made dense)."""
     out = list(grads)
     for k in b.copy_idx:
         g, p = out[k], b.params[k]
-        if type(g) not in boundary.PLAIN_TYPES or g.layout != torch.strided \
-                or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+        if type(g) not in boundary.PLAIN_TYPES or g.dtype != p.dtype or g.device != p.device \
+                or g.shape != p.shape:
+            raise ValueError("gradient changed")
+        if g.layout == torch.sparse_coo and b.sparse_ok:
+            g = _checks.sparse_values(g, b.where(k)).to_dense()
+        elif g.layout != torch.strided:
             raise ValueError("gradient changed")
         copy = torch.empty_like(p)
         copy.copy_(g)
@@ -177,21 +186,24 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
             continue
         where = f"param {j} of param group {gi}"
         _checks.step_param(p, where)
-        needs_copy[j] = _checks.grad(g, p, where, name)
+        needs_copy[j] = _checks.grad(g, p, where, name, opt._SPARSE_GRADS)
+        if (p.device, p.dtype) not in split:
+            opt._backend_for(p.device, p.dtype, where)
         split.setdefault((p.device, p.dtype), []).append(j)
     buckets = []
     old = opt._fo_plans.get(gi)
     old_caches = {(b.device, b.dtype): b.cache for b in old.buckets} if old is not None else {}
     for (device, dtype), positions in split.items():
         b = Bucket(gi, group, positions, [params[j] for j in positions], device, dtype,
-                   opt._backend_for(device), old_caches.get((device, dtype), {}))
+                   opt._backend_for(device, dtype), old_caches.get((device, dtype), {}))
+        b.sparse_ok = opt._SPARSE_GRADS
         b.copy_idx = [k for k, j in enumerate(positions) if needs_copy[j]]
         opt._state_lists(b, pending)
         b.grads = _copies(b, [grads[j] for j in positions]) if b.copy_idx else \
             [grads[j] for j in positions]
         vectors, scalars = opt._boundary_lists(b)
         b.verified = boundary.verify_update(b.cache, b.params, b.grads, vectors, scalars,
-                                            describe=b.describe, vouch=True)
+                                            describe=b.describe, vouch=True, wide=b.wide)
         buckets.append(b)
     return GroupPlan(params, grads, layout, opt._fo_epoch, buckets)
 
@@ -205,6 +217,16 @@ def entry_of(opt, b: Bucket, i: int) -> dict:
         raise TypeError(f"optimizer.state[{b.where(i)}] must be a dict, got "
                         f"{type(entry).__name__}")
     return entry
+
+
+def state_zeros(p):
+    """A new moment / momentum buffer of param ``p``: zeros of its state dtype, its layout."""
+    return torch.zeros_like(p, dtype=boundary.state_dtype(p.dtype))
+
+
+def master_copy(p):
+    """The fp32 master of a low-precision param, made from it (its layout kept)."""
+    return p.detach().to(_F32, copy=True)
 
 
 def vector_state(opt, b: Bucket, key: str, pending: Pending, make) -> list:

@@ -140,6 +140,10 @@ class StateMixin:
         if internal is None:  # torch's layout: {"defaults", "state", "param_groups"}
             internal = dict(state.pop("state", {}))
         super().__setstate__(state)
+        for group in self.param_groups:  # a pickle of an older version lacks newer keys
+            for name, default in self.defaults.items():
+                group.setdefault(name, self._LOAD_DEFAULTS.get(name, default))
+            group.update(self._FORCED)
         self._fo_backends = {}
         self._fo_reset(internal)
         self._fo_hidden, self._fo_sgd_flags = set(hidden), dict(flags)

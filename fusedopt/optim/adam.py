@@ -1,38 +1,39 @@
 """FusedAdam / FusedAdamW: multi-tensor Adam with in-kernel unscale, clipping and skip.
 
 One step equals ``torch.optim.Adam`` (L2 weight decay added to the gradient) or
-``torch.optim.AdamW`` (decoupled decay ``p *= 1 - lr·wd``) to fp32 rounding; the math is in
-the backends' ``adam_step`` (docs/architecture.md).
+``torch.optim.AdamW`` (decoupled decay ``p *= 1 - lr·wd``, the group's
+``decoupled_weight_decay``) to fp32 rounding; the math is in the backends' ``adam_step``
+(docs/architecture.md).
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 
 from fusedopt.optim import _checks
 from fusedopt.optim._base import FusedOptimizer, _hyper
-from fusedopt.optim._plan import STATE_KEY, step_state, vector_state
-
-_F32 = torch.float32
+from fusedopt.optim._plan import (LOW_PRECISION, STATE_KEY, master_copy, state_zeros,
+                                  step_state, vector_state)
 
 
 class FusedAdam(FusedOptimizer):
     """Adam with L2 weight decay (``torch.optim.Adam``), fused; see docs/optimizers.md."""
 
     _OP = "adam"
-    _DECOUPLED = False
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
     _STEP_KEY = True
+    # what torch's Adam sets in a loaded group that lacks the key (its __setstate__)
+    _LOAD_DEFAULTS = {"decoupled_weight_decay": False}
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad=False, maximize=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None):
-        _checks.flag("capturable", capturable)
-        self.capturable = capturable  # accepted for torch parity: step() never syncs anyway
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 max_grad_norm=None, track_grad_norm=False, skip_nonfinite=False,
+                 master_weights=False, backend=None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         self._check_hyper_params(defaults)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
@@ -45,6 +46,8 @@ class FusedAdam(FusedOptimizer):
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.flag("amsgrad", group["amsgrad"])
         _checks.flag("maximize", group["maximize"])
+        _checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+        _checks.torch_keywords(group, type(self).__name__)
 
     def _fo_visible(self, p, entry):
         step = entry.get("step")
@@ -56,14 +59,13 @@ class FusedAdam(FusedOptimizer):
         return bool(group["amsgrad"]), self.master_weights
 
     def _state_lists(self, b, pending):
-        zeros = partial(torch.zeros_like, dtype=_F32)
-        masters = self.master_weights and b.dtype != _F32
+        masters = self.master_weights and b.dtype in LOW_PRECISION
         b.lists = {
-            "exp_avgs": vector_state(self, b, "exp_avg", pending, zeros),
-            "exp_avg_sqs": vector_state(self, b, "exp_avg_sq", pending, zeros),
-            "max_exp_avg_sqs": (vector_state(self, b, "max_exp_avg_sq", pending, zeros)
+            "exp_avgs": vector_state(self, b, "exp_avg", pending, state_zeros),
+            "exp_avg_sqs": vector_state(self, b, "exp_avg_sq", pending, state_zeros),
+            "max_exp_avg_sqs": (vector_state(self, b, "max_exp_avg_sq", pending, state_zeros)
                                 if b.group["amsgrad"] else None),
-            "master_params": (vector_state(self, b, "master_param", pending, _master_copy)
+            "master_params": (vector_state(self, b, "master_param", pending, master_copy)
                               if masters else None),
             "steps": step_state(self, b, pending),
         }
@@ -82,7 +84,8 @@ class FusedAdam(FusedOptimizer):
         return dict(lr=_hyper(group["lr"], device, "lr"), beta1=_hyper(beta1, device, "betas[0]"),
                     beta2=_hyper(beta2, device, "betas[1]"), eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
-                    maximize=bool(group["maximize"]), decoupled=self._DECOUPLED)
+                    maximize=bool(group["maximize"]),
+                    decoupled=bool(group["decoupled_weight_decay"]))
 
     def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists
@@ -93,19 +96,21 @@ class FusedAdam(FusedOptimizer):
 
 
 class FusedAdamW(FusedAdam):
-    """Adam with decoupled weight decay (``torch.optim.AdamW``), fused; see docs/optimizers.md."""
+    """Adam with decoupled weight decay (``torch.optim.AdamW``), fused; see docs/optimizers.md.
 
-    _DECOUPLED = True
+    As torch's AdamW, it is FusedAdam with ``decoupled_weight_decay=True``, which every
+    loaded or unpickled param group gets back."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad=False, maximize=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights,
-                         capturable=capturable, backend=backend)
+    _LOAD_DEFAULTS = {}
+    _FORCED = {"decoupled_weight_decay": True}
 
-
-def _master_copy(p):
-    """The fp32 master of a low-precision param, made from it (its layout kept)."""
-    return p.detach().to(_F32, copy=True)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, max_grad_norm=None, track_grad_norm=False,
+                 skip_nonfinite=False, master_weights=False, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
+                         track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights, backend=backend)

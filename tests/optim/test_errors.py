@@ -62,15 +62,15 @@ def test_group_overrides_are_checked_too():
     assert len(opt.param_groups) == 1
 
 
-def test_params_must_be_fp32_bf16_fp16_and_dense():
-    with pytest.raises(TypeError, match=r"dtype torch\.float64"):
-        fo.optim.FusedAdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
+def test_params_must_be_a_trained_dtype_and_dense():
+    with pytest.raises(TypeError, match=r"dtype torch\.complex32"):
+        fo.optim.FusedAdamW([torch.zeros(3, dtype=torch.complex32, requires_grad=True)])
     strided = torch.zeros(4, 6)[:, ::2].requires_grad_()
     with pytest.raises(ValueError, match=r"strides \(6, 2\)"):
         fo.optim.FusedSGD([strided])
     opt = fo.optim.FusedSGD(make_params()[:1])
-    with pytest.raises(TypeError, match="float64"):
-        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float64, requires_grad=True)]})
+    with pytest.raises(TypeError, match="int32"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
     assert len(opt.param_groups) == 1
     channels_last = torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
     fo.optim.FusedAdamW([channels_last])  # dense in another dim order: accepted
@@ -91,7 +91,7 @@ def test_sparse_gradient_is_refused_before_anything_changes():
     set_grads(ps, make_grads(steps=1, seed=9)[0])
     ps[2].grad = ps[2].grad.to_sparse()
     before = snapshot(opt, ps)
-    with pytest.raises(TypeError, match="sparse gradients"):
+    with pytest.raises(TypeError, match="does not support torch.sparse_coo gradients"):
         opt.step()
     assert_bit_identical(before, snapshot(opt, ps))
 

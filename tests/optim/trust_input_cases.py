@@ -49,7 +49,7 @@ def grad_resized_sparse_or_subclass(b):
         ps[2].grad = Sub(ps[2].grad.clone())
 
     step_refused(b, stepped_adam, resize, ValueError, r"shape \(3,\)")
-    step_refused(b, stepped_adam, sparse, TypeError, "sparse gradients")
+    step_refused(b, stepped_adam, sparse, TypeError, "does not support torch.sparse_coo gradients")
     step_refused(b, stepped_adam, sub, TypeError, "gradient of param 2 .* is a Sub")
 
 
@@ -58,11 +58,22 @@ def param_swapped_or_freed(b):
     def to_float64(opt, ps):
         ps[1].data = ps[1].data.double()
 
+    def to_float64_with_grad(opt, ps):
+        ps[1].data = ps[1].data.double()
+        ps[1].grad = ps[1].grad.double()
+
     def reshaped(opt, ps):
         ps[1].data = ps[1].data.reshape(7, 5)
         ps[1].grad = torch.zeros(7, 5, device=ps[1].device)
 
-    step_refused(b, stepped_adam, to_float64, TypeError, "param 1 of param group 0 has dtype torch.float64")
+    step_refused(b, stepped_adam, to_float64, TypeError,
+                 "gradient of param 1 of param group 0 has dtype torch.float32, expected "
+                 "torch.float64")
+    # a float64 param is stepped by the torch backend with float64 states only
+    step_refused(b, stepped_adam, to_float64_with_grad, TypeError,
+                 r"\['exp_avg'\] has dtype torch.float32, expected torch.float64" if b == "torch"
+                 else f"param 1 of param group 0 has dtype torch.float64, which fusedopt "
+                      f"backend '{b}' cannot step")
     step_refused(b, stepped_adam, reshaped, ValueError, r"\['exp_avg'\] has shape \(5, 7\), expected \(7, 5\)")
     # a param whose storage was freed (as FSDP does between uses); torch itself crashes on
     # reading it, so only the other params are compared
