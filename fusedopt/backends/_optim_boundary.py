@@ -94,6 +94,17 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return _F32 if dtype in PARAM_DTYPES else dtype
 
 
+_MATH_DTYPES = {torch.float32: _F32, torch.bfloat16: _F32, torch.float16: _F32,
+                torch.float64: torch.float64, torch.complex64: _F32,
+                torch.complex128: torch.float64}
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the math of a param of ``dtype`` runs in (a complex param's: that of
+    its real view)."""
+    return _MATH_DTYPES[dtype]
+
+
 def _name(describe, lst: str, i: int) -> str:
     return describe(lst, i) if describe is not None else f"{lst}[{i}]"
 

@@ -21,62 +21,18 @@ from __future__ import annotations
 
 import os
 from itertools import chain
-from numbers import Real
 
 import torch
 from torch.optim import Optimizer
 
 from fusedopt import backends
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks
+from fusedopt.optim import _checks, _ops, _traced
 from fusedopt.optim._plan import prepare
+from fusedopt.optim._scalars import amp_scalar, on_device
 from fusedopt.optim._state import StateMixin
 
 _F32 = torch.float32
-
-
-def _to(value, device, dtype=_F32):
-    """A one-element tensor (a flag, a scale) as a 0-dim ``dtype`` tensor on ``device``; None
-    unchanged.  A copy from the CPU to an accelerator is non-blocking (the source is
-    staged at once: no wait for the device); one to the CPU waits for the source device."""
-    if value is None:
-        return None
-    if value.dim() != 0:
-        value = value.reshape(())
-    if value.device != device:
-        value = value.to(device, non_blocking=device.type != "cpu")
-    return value if value.dtype == dtype else value.to(dtype)
-
-
-def _hyper(value, device, name="lr"):
-    """lr / a beta as a backend takes it: a Python float, or a 0-dim fp32 tensor on device.
-
-    A CPU tensor for params on an accelerator is read on the host at each step -- a memory
-    load, not a device synchronisation (what torch's fused optimizers do); a tensor on
-    another accelerator is copied without blocking the host."""
-    if not isinstance(value, torch.Tensor):
-        if not isinstance(value, Real) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
-        return float(value)
-    if value.numel() != 1 or not value.is_floating_point() or type(value) not in boundary.PLAIN_TYPES:
-        raise TypeError(f"{name} as a tensor must be a plain one-element floating-point tensor, "
-                        f"got {type(value).__name__} of shape {tuple(value.shape)}, {value.dtype}")
-    if value.device.type == "cpu" and device.type != "cpu":
-        return float(value.reshape(()).item())
-    return _to(value, device)
-
-
-def _amp_scalar(value, name):
-    """``grad_scale`` / ``found_inf`` set by a GradScaler: a one-element tensor (shape []
-    from torch.amp.GradScaler, [1] from the FSDP ShardedGradScaler), as 0-dim."""
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"optimizer.{name} must be a tensor or None, got {type(value).__name__}")
-    if value.numel() != 1 or not value.is_floating_point():
-        raise ValueError(f"optimizer.{name} must be a one-element floating-point tensor, got "
-                         f"shape {tuple(value.shape)} dtype {value.dtype}")
-    return value.reshape(())
 
 
 def _wide_backend(op, device, dtype, backend, what):
@@ -104,6 +60,8 @@ class FusedOptimizer(StateMixin, Optimizer):
     _LOAD_DEFAULTS: dict = {}
     _FORCED: dict = {}
     _SPARSE_GRADS = False  # sparse COO gradients are stepped (made dense), as torch's SGD does
+    _fo_loss_scale = None  # the scale of a LossScaler.step in progress
+    _fo_found_inf = None  # its found-inf flag, set by the step
 
     def __init__(self, params, defaults, *, max_grad_norm, track_grad_norm, skip_nonfinite,
                  master_weights, backend):
@@ -124,11 +82,13 @@ class FusedOptimizer(StateMixin, Optimizer):
         self._fo_plans: dict = {}
         self._fo_norm_caches: dict[tuple, dict] = {}
         self._fo_epoch = 0
+        self._fo_store_id, self._fo_store = _ops.new_store()  # the compiled step's caches
         self.last_grad_norm: torch.Tensor | None = None
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         device = first.device if first is not None else torch.device("cpu")
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        _traced.mark_static((self.skipped_steps,))
 
     # ---------------------------------------------------------------- param groups
 
@@ -170,34 +130,42 @@ class FusedOptimizer(StateMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        loss_scale = self.__dict__.pop("_fo_loss_scale", None)
-        amp_scale = _amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
-        amp_found_inf = _amp_scalar(getattr(self, "found_inf", None), "found_inf")
+        loss_scale = self._fo_loss_scale
+        amp_scale = amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
+        amp_found_inf = amp_scalar(getattr(self, "found_inf", None), "found_inf")
+        if torch.compiler.is_compiling():
+            _traced.step(self, loss_scale, amp_scale, amp_found_inf)
+            return loss
         try:
             buckets = prepare(self)
-            self._fo_step_buckets(buckets, loss_scale, amp_scale, amp_found_inf)
+            # a bad group value: refused before any launch
+            hypers = [self._hyper_args(b) for b in buckets]
+            self._fo_step_buckets(buckets, hypers, loss_scale, amp_scale, amp_found_inf,
+                                  self._global_norm, self._run_bucket)
         finally:
             self._fo_release()
         return loss
 
-    def _fo_step_buckets(self, buckets, loss_scale, amp_scale, amp_found_inf):
+    def _fo_step_buckets(self, buckets, hypers, loss_scale, amp_scale, amp_found_inf, norm,
+                         run):
+        """Scale, norm, clip and skip, then ``run`` each bucket: the same arithmetic for the
+        eager step and the traced one (``norm`` and ``run`` launch the kernels)."""
         scale = loss_scale
         if amp_scale is not None:
-            scale = amp_scale if scale is None else scale * _to(amp_scale, scale.device)
+            scale = amp_scale if scale is None else scale * on_device(amp_scale, scale.device)
         if not buckets:
             if loss_scale is not None:
                 self._fo_found_inf = torch.zeros((), dtype=_F32, device=loss_scale.device)
             return
 
-        hypers = [self._hyper_args(b) for b in buckets]  # a bad group value: refused before any launch
         home = loss_scale.device if loss_scale is not None else buckets[0].device
-        inv_scale = None if scale is None else _to(scale.double().reciprocal().float(), home)
+        inv_scale = None if scale is None else on_device(scale.double().reciprocal().float(), home)
 
         need_norm = (self.max_grad_norm is not None or self.track_grad_norm
                      or self.skip_nonfinite or loss_scale is not None)
         clip_coef = skip = None
         if need_norm:
-            sumsq, nonfinite = self._global_norm(buckets, inv_scale, home)
+            sumsq, nonfinite = norm(buckets, inv_scale, home)
             total = sumsq.sqrt()
             self.last_grad_norm = total
             if self.max_grad_norm is not None:
@@ -205,17 +173,17 @@ class FusedOptimizer(StateMixin, Optimizer):
             if loss_scale is not None or self.skip_nonfinite:
                 skip = nonfinite
         if amp_found_inf is not None:
-            found = _to(amp_found_inf, home)
+            found = on_device(amp_found_inf, home)
             skip = found if skip is None else torch.maximum(skip, found)
         if skip is not None:
-            self.skipped_steps.add_(_to(skip, self.skipped_steps.device).gt(0).long())
+            self.skipped_steps.add_(on_device(skip, self.skipped_steps.device).gt(0).long())
         if loss_scale is not None:
-            self._fo_found_inf = _to(skip, loss_scale.device)
+            self._fo_found_inf = on_device(skip, loss_scale.device)
 
         for bucket, hyper in zip(buckets, hypers):
             dev = bucket.device
-            self._run_bucket(bucket, hyper, _to(inv_scale, dev),
-                             _to(clip_coef, dev, bucket.math_dtype), _to(skip, dev))
+            run(bucket, hyper, on_device(inv_scale, dev),
+                on_device(clip_coef, dev, bucket.math_dtype), on_device(skip, dev))
 
     def _fo_release(self):
         """Drop the boundary tokens of this step (they hold its gradient lists)."""
@@ -233,8 +201,9 @@ class FusedOptimizer(StateMixin, Optimizer):
         try:
             self.step()
         finally:
-            self.__dict__.pop("_fo_loss_scale", None)
-        return self.__dict__.pop("_fo_found_inf")
+            self._fo_loss_scale = None
+        found_inf, self._fo_found_inf = self._fo_found_inf, None
+        return found_inf
 
     def _global_norm(self, buckets, inv_scale, home):
         """(Σ g², any inf/NaN) over every gradient of the step, on ``home``: fp32, or fp64
@@ -254,14 +223,9 @@ class FusedOptimizer(StateMixin, Optimizer):
             cache = self._fo_norm_caches.setdefault((device, dtype), {})
             boundary.vouch_norm(cache, grads, numels, ptrs)
             res = self._backend_for(device, dtype).multi_tensor_norm(
-                grads, _to(inv_scale, device), cache)
+                grads, on_device(inv_scale, device), cache)
             parts.append(res.to(home, non_blocking=home.type != "cpu"))
-        if any(res.dtype == torch.float64 for res in parts):
-            parts = [res.to(torch.float64) for res in parts]
-        total = parts[0]
-        for res in parts[1:]:
-            total = torch.stack([total[0] + res[0], torch.maximum(total[1], res[1])])
-        return total[0], total[1]
+        return _traced.combine_norms(parts)
 
     # per optimizer: the group settings that shape the state lists; the checked state lists
     # of a bucket (missing state prepared in `pending`); the lists in the boundary's form
@@ -280,4 +244,16 @@ class FusedOptimizer(StateMixin, Optimizer):
         raise NotImplementedError
 
     def _run_bucket(self, bucket, hyper, inv_scale, clip_coef, skip):
+        raise NotImplementedError
+
+    # per optimizer, for the traced step (_traced.py): the state lists of a TracedBucket
+    # read from optimizer.state (missing state created); the hyper-parameters as the custom
+    # ops take them; run the custom op
+    def _traced_lists(self, bucket):
+        raise NotImplementedError
+
+    def _traced_hyper(self, bucket):
+        raise NotImplementedError
+
+    def _traced_run(self, bucket, hyper, inv_scale, clip_coef, skip):
         raise NotImplementedError

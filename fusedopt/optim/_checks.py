@@ -127,10 +127,11 @@ def step_param(p, where):
         raise ValueError(f"{where} is not dense (shape {tuple(p.shape)}, strides {p.stride()})")
 
 
-def grad(g, p, where, optimizer, sparse_ok=False) -> bool:
+def grad(g, p, where, optimizer, sparse_ok=False, traced=False) -> bool:
     """The gradient of param ``p`` at a step; True when the step uses a dense copy in the
     param's layout: its strides differ from the param's, or (``sparse_ok``, SGD) it is a
-    sparse COO tensor."""
+    sparse COO tensor.  ``traced``: at the trace of a compiled step, where a lazily negated
+    view cannot be asked about (the traced step resolves it)."""
     if g.layout != torch.strided and not (sparse_ok and g.layout == torch.sparse_coo):
         supported = " (only sparse COO gradients are)" if sparse_ok else ""
         raise TypeError(f"{optimizer} does not support {g.layout} gradients{supported} "
@@ -147,7 +148,7 @@ def grad(g, p, where, optimizer, sparse_ok=False) -> bool:
                          f"{tuple(p.shape)} (the param's shape)")
     if g.layout == torch.sparse_coo:
         return True
-    if g.is_neg() or g.is_conj():
+    if not traced and (g.is_neg() or g.is_conj()):
         raise ValueError(f"the gradient of {where} is a lazily negated view")
     return not boundary.same_layout(g, p)
 
@@ -172,7 +173,7 @@ def sparse_values(g, where):
                                    torch.where(keep, values, 0), g.shape, check_invariants=False)
 
 
-def state_tensor(value, key, p, where):
+def state_tensor(value, key, p, where, traced=False):
     """``optimizer.state[p][key]`` as a step uses it: None when absent, else a tensor of the
     param's state dtype (fp32; a wide param's own dtype) with the param's device, shape and
     layout (refused otherwise, naming it)."""
@@ -197,7 +198,7 @@ def state_tensor(value, key, p, where):
         raise ValueError(f"{what} has strides {value.stride()}, expected the param's "
                          f"{p.stride()} (create it with torch.zeros_like(param, "
                          f"dtype={expected}))")
-    if value.is_neg() or value.is_conj():
+    if not traced and (value.is_neg() or value.is_conj()):
         raise ValueError(f"{what} is a lazily negated view")
     return value
 

@@ -24,7 +24,7 @@ from itertools import repeat
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks
+from fusedopt.optim import _checks, _traced
 
 _F32 = torch.float32
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # the param dtypes that may have fp32 masters
@@ -54,7 +54,7 @@ class Bucket:
         self.index = None if positions == list(range(len(group["params"]))) else positions
         self.params, self.device, self.dtype = params, device, dtype
         self.wide = dtype in boundary.WIDE_DTYPES  # stepped by the `torch` backend
-        self.math_dtype = boundary.state_dtype(dtype).to_real()
+        self.math_dtype = boundary.math_dtype(dtype)
         self.sparse_ok = False
         self.backend, self.cache = backend, cache
         self.lists: dict = {}
@@ -103,6 +103,7 @@ class Pending:
 
     def commit(self, opt) -> None:
         state = opt._fo_state
+        _traced.mark_static(value for _, _, value in self.writes)
         for p, key, value in self.writes:
             entry = state.get(p)
             if entry is None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 import torch
 
-from fusedopt.optim import _loading
+from fusedopt.optim import _loading, _ops
 
-_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches")
+_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches", "_fo_store_id", "_fo_store")
 
 
 class StateView(MutableMapping):
@@ -145,5 +145,6 @@ class StateMixin:
                 group.setdefault(name, self._LOAD_DEFAULTS.get(name, default))
             group.update(self._FORCED)
         self._fo_backends = {}
+        self._fo_store_id, self._fo_store = _ops.new_store()
         self._fo_reset(internal)
         self._fo_hidden, self._fo_sgd_flags = set(hidden), dict(flags)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from fusedopt.optim import _checks
-from fusedopt.optim._base import FusedOptimizer, _hyper
+from fusedopt.optim import _checks, _traced
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._scalars import hyper
 from fusedopt.optim._plan import (LOW_PRECISION, STATE_KEY, master_copy, state_zeros,
                                   step_state, vector_state)
 
@@ -81,8 +82,8 @@ class FusedAdam(FusedOptimizer):
     def _hyper_args(self, b):
         group, device = b.group, b.device
         beta1, beta2 = group["betas"]
-        return dict(lr=_hyper(group["lr"], device, "lr"), beta1=_hyper(beta1, device, "betas[0]"),
-                    beta2=_hyper(beta2, device, "betas[1]"), eps=float(group["eps"]),
+        return dict(lr=hyper(group["lr"], device, "lr"), beta1=hyper(beta1, device, "betas[0]"),
+                    beta2=hyper(beta2, device, "betas[1]"), eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
                     maximize=bool(group["maximize"]),
                     decoupled=bool(group["decoupled_weight_decay"]))
@@ -93,6 +94,40 @@ class FusedAdam(FusedOptimizer):
             b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"],
             lists["max_exp_avg_sqs"], lists["master_params"], lists["steps"], **hyper,
             inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=b.cache)
+
+
+    def _traced_lists(self, b):
+        masters = self.master_weights and b.dtype in LOW_PRECISION
+        amsgrad = b.group["amsgrad"]
+        lists = b.lists = {"exp_avgs": [], "exp_avg_sqs": [], "max_exp_avg_sqs": [],
+                           "master_params": [], "steps": []}
+        for p, where in zip(b.params, b.wheres):
+            state = _traced.entry(self, p, where)
+            lists["exp_avgs"].append(_traced.vector(state, "exp_avg", p, where, state_zeros))
+            lists["exp_avg_sqs"].append(
+                _traced.vector(state, "exp_avg_sq", p, where, state_zeros))
+            if amsgrad:
+                lists["max_exp_avg_sqs"].append(
+                    _traced.vector(state, "max_exp_avg_sq", p, where, state_zeros))
+            if masters:
+                lists["master_params"].append(
+                    _traced.vector(state, "master_param", p, where, master_copy))
+            lists["steps"].append(_traced.step_count(state, p, where))
+
+    def _traced_hyper(self, b):
+        group = b.group
+        beta1, beta2 = group["betas"]
+        return (*_traced.scalar(group["lr"], "lr"), *_traced.scalar(beta1, "betas[0]"),
+                *_traced.scalar(beta2, "betas[1]"), float(group["eps"]),
+                float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
+                bool(group["decoupled_weight_decay"]))
+
+    def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
+        lists = b.lists
+        torch.ops.fusedopt.adam_step(
+            b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
+            lists["master_params"], lists["steps"], *hyper, inv_scale, clip_coef, skip,
+            b.backend, self._fo_store_id, b.gi)
 
 
 class FusedAdamW(FusedAdam):

@@ -14,8 +14,9 @@ from functools import partial
 
 import torch
 
-from fusedopt.optim import _checks
-from fusedopt.optim._base import FusedOptimizer, _hyper
+from fusedopt.optim import _checks, _traced
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._scalars import hyper
 from fusedopt.optim._plan import LOW_PRECISION, master_copy, state_zeros, vector_state
 
 _F32 = torch.float32
@@ -81,6 +82,7 @@ class FusedSGD(FusedOptimizer):
                     continue
                 if id(value) not in created:
                     flags[i].fill_(1.0)
+                _traced.mark_static((flags[i],))
                 pending.extras.append(partial(self._fo_sgd_flags.__setitem__, p,
                                               (value, flags[i])))
         b.lists = {"momentum_buffers": buffers, "master_params": masters, "initialized": flags,
@@ -96,7 +98,7 @@ class FusedSGD(FusedOptimizer):
 
     def _hyper_args(self, b):
         group = b.group
-        return dict(lr=_hyper(group["lr"], b.device, "lr"), momentum=float(group["momentum"]),
+        return dict(lr=hyper(group["lr"], b.device, "lr"), momentum=float(group["momentum"]),
                     dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
@@ -108,6 +110,49 @@ class FusedSGD(FusedOptimizer):
             cache=b.cache)
         if lists["confirm"] is not None:
             confirm_steps(lists["confirm"], skip)
+
+
+    def _traced_lists(self, b):
+        """As `_state_lists`, read from optimizer.state by the traced step."""
+        momentum = b.group["momentum"] != 0
+        masters = self.master_weights and b.dtype in LOW_PRECISION
+        lists = b.lists = {"momentum_buffers": [], "master_params": [], "initialized": []}
+        for p, where in zip(b.params, b.wheres):
+            if not (momentum or masters):  # no state; the kernels ignore the flag
+                lists["initialized"].append(torch.zeros((), dtype=_F32, device=p.device))
+                continue
+            state = _traced.entry(self, p, where)
+            new = state.get("momentum_buffer" if momentum else "master_param") is None
+            if masters:
+                lists["master_params"].append(
+                    _traced.vector(state, "master_param", p, where, master_copy))
+            if momentum:
+                lists["momentum_buffers"].append(
+                    _traced.vector(state, "momentum_buffer", p, where, state_zeros))
+            tracked = lists["momentum_buffers" if momentum else "master_params"][-1]
+            record = self._fo_sgd_flags.get(p)
+            if record is not None and record[0] is tracked:
+                flag = record[1]
+            else:
+                flag = torch.full((), 0.0 if new else 1.0, dtype=_F32, device=p.device)
+                _traced.static_in_trace(flag)
+                self._fo_sgd_flags[p] = (tracked, flag)
+            lists["initialized"].append(flag)
+
+    def _traced_hyper(self, b):
+        group = b.group
+        return (*_traced.scalar(group["lr"], "lr"), float(group["momentum"]),
+                float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]),
+                bool(group["maximize"]))
+
+    def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
+        lists = b.lists
+        torch.ops.fusedopt.sgd_step(
+            b.params, b.grads, lists["momentum_buffers"], lists["master_params"],
+            lists["initialized"], *hyper, inv_scale, clip_coef, skip, b.backend,
+            self._fo_store_id, b.gi)
+        if lists["master_params"] and not lists["momentum_buffers"]:
+            confirm_steps(lists["initialized"], skip)
 
 
 def confirm_steps(flags, skip):

@@ -1,0 +1,182 @@
+"""The step of a fused optimizer as ``torch.compile`` traces it.
+
+The eager step (``_plan``) keeps a plan per param group and a fingerprint of every tensor
+at the kernel boundary, compared with C-level ``map``s over addresses: fast on the host,
+and nothing Dynamo can trace (``data_ptr()`` has no meaning on the fake tensors it traces
+with).  A compiled step needs none of it: its guards re-check the metadata of every param,
+gradient and state tensor at each call and recompile when one changed.  So when
+``torch.compiler.is_compiling()``, the step builds its lists straight from
+``optimizer.state`` with plain Python that Dynamo traces without a graph break:
+
+- the params with a gradient, per group and (device, dtype), each checked as at an eager
+  step (``_checks``, at trace time: a bad param, gradient or state tensor fails the
+  compilation with the eager step's message, before anything runs);
+- their state read from ``optimizer.state``; missing state is created in the graph and
+  written to the state dicts after it (Dynamo replays those writes), hidden until a step
+  completed for it as in eager mode.  The call that creates state compiles once more at the
+  next call, when the state exists (the guards on the state dicts change);
+- the norm and the updates as the custom ops of ``_ops`` (``torch.ops.fusedopt.*``), the
+  scale / clip / skip arithmetic between them as traced torch ops.
+
+Created state tensors are marked as static inputs (``torch._dynamo.mark_static_address``):
+they keep their address, so CUDA graphs (``mode="reduce-overhead"``) update them in place
+instead of copying them.  The eager step marks the state it creates too, once torch.compile
+has been imported (``mark_static``).
+"""
+
+from __future__ import annotations
+
+import sys
+from numbers import Real
+
+import torch
+
+from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.optim import _checks, _ops  # noqa: F401  (_ops registers torch.ops.fusedopt.*)
+from fusedopt.optim._scalars import on_device
+
+_F32 = torch.float32
+
+
+class TracedBucket:
+    """The params of one group on one (device, dtype), as the traced step lists them."""
+
+    def __init__(self, gi, group, device, dtype, backend):
+        self.gi, self.group, self.device, self.dtype = gi, group, device, dtype
+        self.math_dtype = boundary.math_dtype(dtype)
+        self.backend = backend  # the name of the backend module
+        self.params, self.grads, self.wheres = [], [], []
+        self.lists: dict = {}
+
+
+def step(opt, loss_scale, amp_scale, amp_found_inf):
+    """The traced counterpart of the eager ``prepare`` + ``_fo_step_buckets``."""
+    buckets = _buckets(opt)
+    for b in buckets:
+        opt._traced_lists(b)
+    hypers = [opt._traced_hyper(b) for b in buckets]
+    opt._fo_step_buckets(buckets, hypers, loss_scale, amp_scale, amp_found_inf,
+                         lambda bs, inv_scale, home: global_norm(opt, bs, inv_scale, home),
+                         opt._traced_run)
+
+
+def _buckets(opt) -> list[TracedBucket]:
+    name = type(opt).__name__
+    out = []
+    for gi, group in enumerate(opt.param_groups):
+        split: dict = {}
+        for j, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = f"param {j} of param group {gi}"
+            _checks.step_param(p, where)
+            if _checks.grad(g, p, where, name, opt._SPARSE_GRADS, traced=True):
+                copy = torch.empty_like(p)
+                copy.copy_(g.to_dense() if g.layout == torch.sparse_coo else g)
+                g = copy
+            else:
+                g = g.resolve_conj().resolve_neg()
+            key = (p.device, p.dtype)
+            b = split.get(key)
+            if b is None:
+                backend = opt._backend_for(p.device, p.dtype, where)
+                b = split[key] = TracedBucket(gi, group, p.device, p.dtype, backend.NAME)
+            b.params.append(p)
+            b.grads.append(g)
+            b.wheres.append(where)
+        out.extend(split.values())
+    return out
+
+
+def global_norm(opt, buckets, inv_scale, home):
+    """``_fo_step_buckets``'s norm: one ``fusedopt::multi_tensor_norm`` per (device, dtype)."""
+    per_kind: dict = {}
+    for b in buckets:
+        per_kind.setdefault((b.device, b.dtype), []).append(b)
+    parts = []
+    for (device, _), group in per_kind.items():
+        grads = [g for b in group for g in b.grads]
+        res = torch.ops.fusedopt.multi_tensor_norm(grads, on_device(inv_scale, device),
+                                                   group[0].backend, opt._fo_store_id)
+        parts.append(res.to(home, non_blocking=home.type != "cpu"))
+    return combine_norms(parts)
+
+
+def combine_norms(parts):
+    """(Σ g², any inf/NaN) of the per-(device, dtype) parts, in fp64 if one part is."""
+    if any(res.dtype == torch.float64 for res in parts):
+        parts = [res.to(torch.float64) for res in parts]
+    total = parts[0]
+    for res in parts[1:]:
+        total = torch.stack([total[0] + res[0], torch.maximum(total[1], res[1])])
+    return total[0], total[1]
+
+
+# ------------------------------------------------------------------ state, as traced
+
+def entry(opt, p, where) -> dict:
+    """``optimizer.state[p]``; a new one is hidden until a step completed for it."""
+    found = opt._fo_state.get(p)
+    if found is None:
+        found = {}
+        opt._fo_state[p] = found
+        opt._fo_hidden.add(p)
+        opt._fo_version += 1
+    elif not isinstance(found, dict):
+        raise TypeError(f"optimizer.state[{where}] must be a dict, got {type(found).__name__}")
+    return found
+
+
+def vector(state: dict, key: str, p, where: str, make):
+    """``state[key]`` checked as the eager step checks it; made (and stored) when missing."""
+    value = state.get(key)
+    if value is None:
+        value = make(p)
+        state[key] = value
+        static_in_trace(value)
+        return value
+    return _checks.state_tensor(value, key, p, where, traced=True)
+
+
+def step_count(state: dict, p, where: str):
+    """``state["step"]`` as a 0-dim fp32 tensor on the param's device (converted, stored)."""
+    value = state.get("step")
+    if value is None:
+        value = torch.zeros((), dtype=_F32, device=p.device)
+    else:
+        value, converted = _checks.step_count(value, p, f"optimizer.state[{where}]['step']")
+        if not converted:
+            return value
+    state["step"] = value
+    static_in_trace(value)
+    return value
+
+
+def scalar(value, name):
+    """A hyper-parameter as the custom ops take it: (float, None) or (0.0, tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point() \
+                or type(value) not in boundary.PLAIN_TYPES:
+            raise TypeError(f"{name} as a tensor must be a plain one-element floating-point "
+                            f"tensor, got {type(value).__name__} of shape "
+                            f"{tuple(value.shape)}, {value.dtype}")
+        return 0.0, value
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
+    return float(value), None
+
+
+def static_in_trace(t) -> None:
+    """``torch._dynamo.mark_static_address(t)`` for a tensor created in traced code, where
+    that function may not be called: the attribute it sets, replayed on the real tensor."""
+    t._dynamo_static_input_type = "unguarded"
+
+
+def mark_static(tensors) -> None:
+    """Mark state tensors created by an eager step as static inputs for torch.compile (a
+    no-op until torch.compile was imported; then one attribute per new tensor)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        for t in tensors:
+            dynamo.mark_static_address(t)
