@@ -60,8 +60,6 @@ class FusedOptimizer(StateMixin, Optimizer):
     _LOAD_DEFAULTS: dict = {}
     _FORCED: dict = {}
     _SPARSE_GRADS = False  # sparse COO gradients are stepped (made dense), as torch's SGD does
-    _fo_loss_scale = None  # the scale of a LossScaler.step in progress
-    _fo_found_inf = None  # its found-inf flag, set by the step
 
     def __init__(self, params, defaults, *, max_grad_norm, track_grad_norm, skip_nonfinite,
                  master_weights, backend):
@@ -83,7 +81,10 @@ class FusedOptimizer(StateMixin, Optimizer):
         self._fo_norm_caches: dict[tuple, dict] = {}
         self._fo_epoch = 0
         self._fo_store_id, self._fo_store = _ops.new_store()  # the compiled step's caches
-        self.last_grad_norm: torch.Tensor | None = None
+        # what a step writes for the caller: "last_grad_norm"; "loss_scale" / "found_inf" of
+        # a LossScaler.step.  A dict, not attributes: a compiled step's writes to the
+        # optimizer's attributes are dropped by Dynamo, its writes to a dict are kept
+        self._fo_vars: dict = {"last_grad_norm": None}
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -130,7 +131,7 @@ class FusedOptimizer(StateMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        loss_scale = self._fo_loss_scale
+        loss_scale = self._fo_vars.get("loss_scale")
         amp_scale = amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
         amp_found_inf = amp_scalar(getattr(self, "found_inf", None), "found_inf")
         if torch.compiler.is_compiling():
@@ -155,7 +156,8 @@ class FusedOptimizer(StateMixin, Optimizer):
             scale = amp_scale if scale is None else scale * on_device(amp_scale, scale.device)
         if not buckets:
             if loss_scale is not None:
-                self._fo_found_inf = torch.zeros((), dtype=_F32, device=loss_scale.device)
+                self._fo_vars["found_inf"] = torch.zeros((), dtype=_F32,
+                                                         device=loss_scale.device)
             return
 
         home = loss_scale.device if loss_scale is not None else buckets[0].device
@@ -167,7 +169,7 @@ class FusedOptimizer(StateMixin, Optimizer):
         if need_norm:
             sumsq, nonfinite = norm(buckets, inv_scale, home)
             total = sumsq.sqrt()
-            self.last_grad_norm = total
+            self._fo_vars["last_grad_norm"] = total
             if self.max_grad_norm is not None:
                 clip_coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             if loss_scale is not None or self.skip_nonfinite:
@@ -178,7 +180,7 @@ class FusedOptimizer(StateMixin, Optimizer):
         if skip is not None:
             self.skipped_steps.add_(on_device(skip, self.skipped_steps.device).gt(0).long())
         if loss_scale is not None:
-            self._fo_found_inf = on_device(skip, loss_scale.device)
+            self._fo_vars["found_inf"] = on_device(skip, loss_scale.device)
 
         for bucket, hyper in zip(buckets, hypers):
             dev = bucket.device
@@ -197,13 +199,23 @@ class FusedOptimizer(StateMixin, Optimizer):
         """Called by LossScaler.step: one step whose gradients are scaled by ``scale``.
 
         Returns the found-inf flag (fp32 0-dim on the scale's device, 1.0 when skipped)."""
-        self._fo_loss_scale = scale
+        self._fo_vars["loss_scale"] = scale
         try:
             self.step()
         finally:
-            self._fo_loss_scale = None
-        found_inf, self._fo_found_inf = self._fo_found_inf, None
+            self._fo_vars["loss_scale"] = None
+        found_inf, self._fo_vars["found_inf"] = self._fo_vars.get("found_inf"), None
         return found_inf
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the last step that measured it (a 0-dim device
+        tensor, before clipping, after unscaling), or None."""
+        return self._fo_vars.get("last_grad_norm")
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value):
+        self._fo_vars["last_grad_norm"] = value
 
     def _global_norm(self, buckets, inv_scale, home):
         """(Σ g², any inf/NaN) over every gradient of the step, on ``home``: fp32, or fp64

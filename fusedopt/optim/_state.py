@@ -139,6 +139,8 @@ class StateMixin:
         flags = state.pop("_fo_sgd_flags", {})
         if internal is None:  # torch's layout: {"defaults", "state", "param_groups"}
             internal = dict(state.pop("state", {}))
+        vars_ = state.setdefault("_fo_vars", {})
+        vars_.setdefault("last_grad_norm", state.pop("last_grad_norm", None))
         super().__setstate__(state)
         for group in self.param_groups:  # a pickle of an older version lacks newer keys
             for name, default in self.defaults.items():

@@ -18,15 +18,13 @@ gradient and state tensor at each call and recompile when one changed.  So when
 - the norm and the updates as the custom ops of ``_ops`` (``torch.ops.fusedopt.*``), the
   scale / clip / skip arithmetic between them as traced torch ops.
 
-Created state tensors are marked as static inputs (``torch._dynamo.mark_static_address``):
-they keep their address, so CUDA graphs (``mode="reduce-overhead"``) update them in place
-instead of copying them.  The eager step marks the state it creates too, once torch.compile
-has been imported (``mark_static``).
+State tensors are marked as static inputs (`mark_static`), by the eager step and the
+traced one when they create them: they keep their address, so CUDA graphs
+(``mode="reduce-overhead"``) update them in place instead of copying them.
 """
 
 from __future__ import annotations
 
-import sys
 from numbers import Real
 
 import torch
@@ -119,10 +117,11 @@ def entry(opt, p, where) -> dict:
     """``optimizer.state[p]``; a new one is hidden until a step completed for it."""
     found = opt._fo_state.get(p)
     if found is None:
+        # no _fo_version bump (Dynamo drops writes to the optimizer's attributes): the eager
+        # plan finds the new entry by itself and rebuilds
         found = {}
         opt._fo_state[p] = found
         opt._fo_hidden.add(p)
-        opt._fo_version += 1
     elif not isinstance(found, dict):
         raise TypeError(f"optimizer.state[{where}] must be a dict, got {type(found).__name__}")
     return found
@@ -134,7 +133,7 @@ def vector(state: dict, key: str, p, where: str, make):
     if value is None:
         value = make(p)
         state[key] = value
-        static_in_trace(value)
+        mark_static((value,))
         return value
     return _checks.state_tensor(value, key, p, where, traced=True)
 
@@ -149,7 +148,7 @@ def step_count(state: dict, p, where: str):
         if not converted:
             return value
     state["step"] = value
-    static_in_trace(value)
+    mark_static((value,))
     return value
 
 
@@ -167,16 +166,12 @@ def scalar(value, name):
     return float(value), None
 
 
-def static_in_trace(t) -> None:
-    """``torch._dynamo.mark_static_address(t)`` for a tensor created in traced code, where
-    that function may not be called: the attribute it sets, replayed on the real tensor."""
-    t._dynamo_static_input_type = "unguarded"
-
-
 def mark_static(tensors) -> None:
-    """Mark state tensors created by an eager step as static inputs for torch.compile (a
-    no-op until torch.compile was imported; then one attribute per new tensor)."""
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is not None:
-        for t in tensors:
-            dynamo.mark_static_address(t)
+    """Mark tensors the optimizer owns and updates in place (state, flags, counters) as
+    static inputs of compiled graphs, so CUDA graphs update them where they are instead of
+    copying them (what Dynamo does for torch's optimizers' state).  This is what
+    ``torch._dynamo.mark_static_address(t)`` sets -- set directly, because that function may
+    not be called in traced code, and importing torch._dynamo for an eager step would cost
+    the eager user a second."""
+    for t in tensors:
+        t._dynamo_static_input_type = "unguarded"

@@ -135,7 +135,7 @@ class FusedSGD(FusedOptimizer):
                 flag = record[1]
             else:
                 flag = torch.full((), 0.0 if new else 1.0, dtype=_F32, device=p.device)
-                _traced.static_in_trace(flag)
+                _traced.mark_static((flag,))
                 self._fo_sgd_flags[p] = (tracked, flag)
             lists["initialized"].append(flag)
 

@@ -1,0 +1,246 @@
+"""torch.compile(opt.step, fullgraph=True): the step traces without a graph break (the
+kernels are torch.library custom ops) and equals the eager step bit for bit, step after
+step, with clipping, a loss scale that overflows once, tensor hyper-parameters changed in
+place, masters, fp64 params; it compiles twice (the first call creates the state) and not
+again.  Compiling is slow: one Inductor test, the variants under the "eager" and
+"aot_eager" compile backends (the same tracing; aot_eager also runs the fake
+implementations and functionalization), the ops themselves through torch.library.opcheck."""
+
+import pytest
+import torch
+
+import fusedopt as fo
+from conftest import require_op
+from fusedopt.optim import _ops
+from optim_helpers import assert_bit_identical, make_grads, make_params, set_grads, snapshot
+
+SHAPES = [(5, 7), (13,), (1,), (3, 4, 2)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs_and_breaks():
+    counters = torch._dynamo.utils.counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def _twins(make_opt, device, dtypes=None):
+    """Two identical (params, optimizer) pairs: one stepped eagerly, one compiled."""
+    out = []
+    for _ in range(2):
+        ps = make_params(SHAPES, device=device)
+        if dtypes is not None:
+            ps = [p.detach().to(d).requires_grad_() for p, d in zip(ps, dtypes)]
+        out.append((ps, make_opt(ps)))
+    return out
+
+
+def _assert_same(eager, compiled, what):
+    (ps, opt), (qs, copt) = eager, compiled
+    try:
+        assert_bit_identical(snapshot(opt, ps), snapshot(copt, qs))
+    except AssertionError as exc:
+        raise AssertionError(f"{what}: {exc}") from None
+    for name in ("last_grad_norm", "skipped_steps"):
+        a, b = getattr(opt, name), getattr(copt, name)
+        assert (a is None) == (b is None), f"{what}: {name}"
+        if a is not None:
+            assert_bit_identical([a], [b])
+
+
+def test_inductor_step_with_clip_scale_and_tensor_lr_equals_eager():
+    """AdamW with clipping, a tensor lr decayed in place, and a LossScaler's scale handed
+    over as LossScaler.step does (an overflow skips step 3): Inductor's compiled step equals
+    the eager one bit for bit, and compiles twice."""
+    lrs = [torch.tensor(1e-2), torch.tensor(1e-2)]
+    twins = _twins(lambda ps: fo.optim.FusedAdamW(ps, lr=lrs.pop(0), weight_decay=0.1,
+                                                  max_grad_norm=0.5, backend="cpu"), "cpu")
+    (ps, opt), (qs, copt) = twins
+    scale = torch.tensor(2.0 ** 8)
+    compiled = torch.compile(lambda: copt._fo_step_with_loss_scale(scale), fullgraph=True)
+    for k, grads in enumerate(make_grads(SHAPES, steps=5, scale=2.0 ** 8)):
+        if k == 2:
+            grads[1][4] = float("inf")
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        found = opt._fo_step_with_loss_scale(scale)
+        assert torch.equal(compiled(), found)
+        _assert_same(twins[0], twins[1], f"step {k}")
+        for o in (opt, copt):
+            o.param_groups[0]["lr"].mul_(0.7)
+    assert float(copt.skipped_steps) == 1.0
+    assert _graphs_and_breaks() == (2, 0)
+
+
+ADAM = dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True, maximize=True,
+            max_grad_norm=1.0, master_weights=True)
+VARIANTS = {
+    "adamw-bf16-masters-amsgrad": (lambda ps, b: fo.optim.FusedAdamW(ps, backend=b, **ADAM),
+                                   "adam", [torch.bfloat16, torch.float32] * 2),
+    "adam-l2-fp16": (lambda ps, b: fo.optim.FusedAdam(ps, lr=1e-2, weight_decay=0.1,
+                                                      skip_nonfinite=True, backend=b),
+                     "adam", [torch.float16] * 4),
+    "sgd-nesterov-clip": (lambda ps, b: fo.optim.FusedSGD(
+        ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, max_grad_norm=1.0,
+        backend=b), "sgd", None),
+    "sgd-masters-no-momentum": (lambda ps, b: fo.optim.FusedSGD(
+        ps, lr=0.05, master_weights=True, skip_nonfinite=True, backend=b), "sgd",
+        [torch.bfloat16] * 4),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compiled_variants_equal_eager(backend, variant):
+    """Each backend's kernels under the traced step (Dynamo's "eager" compile backend), a
+    non-finite gradient at step 2 skipping the steps that check for it."""
+    make, op, dtypes = VARIANTS[variant]
+    device = require_op(backend, op)
+    twins = _twins(lambda ps: make(ps, backend), device, dtypes)
+    (ps, opt), (qs, copt) = twins
+    compiled = torch.compile(copt.step, backend="eager", fullgraph=True)
+    for k, grads in enumerate(make_grads(SHAPES, steps=4)):
+        if k == 2:
+            grads[3][0, 0, 1] = float("nan")
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        compiled()
+        _assert_same(twins[0], twins[1], f"step {k}")
+    assert _graphs_and_breaks() == (2, 0)
+    assert opt.state_dict()["state"].keys() == copt.state_dict()["state"].keys()
+
+
+def test_aot_eager_float64_with_fp32_grad_scaler_and_state_created_eagerly():
+    """fp64 params (the torch backend) next to fp32 ones (cpu) with a global clip, under
+    torch.amp.GradScaler's grad_scale / found_inf, traced through functionalization and the
+    fake implementations; the first step runs eagerly, so the compiled step compiles once."""
+    dtypes = [torch.float64, torch.float32, torch.float64, torch.float32]
+    twins = _twins(lambda ps: fo.optim.FusedAdamW(ps, lr=1e-2, max_grad_norm=0.5), "cpu",
+                   dtypes)
+    (ps, opt), (qs, copt) = twins
+    compiled = torch.compile(copt.step, backend="aot_eager", fullgraph=True)
+    for k, grads in enumerate(make_grads(SHAPES, steps=4, scale=4.0)):
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        for o in (opt, copt):
+            o.grad_scale = torch.tensor(4.0)
+            o.found_inf = torch.tensor(1.0 if k == 2 else 0.0)
+        opt.step()
+        (copt.step if k == 0 else compiled)()
+        _assert_same(twins[0], twins[1], f"step {k}")
+    assert opt.last_grad_norm.dtype == torch.float64
+    assert _graphs_and_breaks() == (1, 0)
+
+
+def test_tensor_lr_scheduler_does_not_recompile():
+    """A tensor lr, which torch's schedulers change in place, is read by the kernel: the
+    compiled step does not recompile when it changes (a float lr is a constant of the graph,
+    as in torch's own compiled optimizers)."""
+    ps = make_params(SHAPES)
+    opt = fo.optim.FusedSGD(ps, lr=torch.tensor(0.1), momentum=0.9, backend="cpu")
+    compiled = torch.compile(opt.step, backend="eager", fullgraph=True)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    for grads in make_grads(SHAPES, steps=5):
+        set_grads(ps, grads)
+        compiled()
+        scheduler.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1 * 0.5 ** 5, rel=1e-6)
+    assert _graphs_and_breaks() == (2, 0)
+
+
+def test_bad_state_fails_the_compilation_with_the_eager_message_and_changes_nothing():
+    ps = make_params(SHAPES)
+    opt = fo.optim.FusedAdamW(ps, backend="cpu")
+    set_grads(ps, make_grads(SHAPES, steps=1)[0])
+    opt.step()
+    opt.state[ps[1]]["exp_avg"] = torch.zeros(13, dtype=torch.float16)
+    before = snapshot(opt, ps)
+    with pytest.raises(Exception, match=r"\['exp_avg'\] has dtype torch.float16, expected "
+                                        r"torch.float32"):
+        torch.compile(opt.step, backend="eager", fullgraph=True)()
+    assert_bit_identical(before, snapshot(opt, ps))
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "torch"])
+def test_custom_ops_pass_opcheck(backend_name):
+    """Schemas (mutated lists declared), fake implementations and AOT dispatch of the ops."""
+    if backend_name == "cpu":
+        require_op("cpu", "adam")
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=gen) for s in SHAPES]
+
+    def like(value=None):
+        return [torch.randn(p.shape, generator=gen).abs() if value is None
+                else torch.full(p.shape, value) for p in ps]
+
+    flags = [torch.zeros(()) for _ in ps]
+    store, keep = _ops.new_store()
+    scalars = (torch.tensor(0.5), torch.tensor(0.8), torch.tensor(0.0))
+    torch.library.opcheck(torch.ops.fusedopt.multi_tensor_norm.default,
+                          (like(), scalars[0], backend_name, store))
+    torch.library.opcheck(torch.ops.fusedopt.adam_step.default, (
+        ps, like(), like(0.0), like(), like(), [], list(flags), 1e-2, None, 0.9,
+        torch.tensor(0.9), 0.999, None, 1e-8, 0.1, True, False, True, *scalars,
+        backend_name, store, 0))
+    torch.library.opcheck(torch.ops.fusedopt.sgd_step.default, (
+        ps, like(), like(0.0), [], list(flags), 0.0, torch.tensor(0.1), 0.9, 0.0, 0.1,
+        False, True, *scalars, backend_name, store, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_cuda_graphs_training_step(backend_name):
+    """mode="reduce-overhead": the optimizer's graph runs as a CUDA graph (params, states
+    and counters are static inputs, updated in place: no cudagraph skip), and a whole
+    training step with LossScaler trains like eager."""
+    require_op(backend_name, "adam")
+    ps = make_params(SHAPES, device="cuda")
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt = fo.optim.FusedAdamW(ps, lr=torch.tensor(1e-2, device="cuda"), max_grad_norm=1.0,
+                              backend=backend_name)
+    copt = fo.optim.FusedAdamW(qs, lr=torch.tensor(1e-2, device="cuda"), max_grad_norm=1.0,
+                               backend=backend_name)
+    compiled = torch.compile(copt.step, mode="reduce-overhead", fullgraph=True)
+    for grads in make_grads(SHAPES, steps=6):
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        compiled()
+    torch.cuda.synchronize()
+    assert_bit_identical(snapshot(opt, ps), snapshot(copt, qs))
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(),
+                                  torch.nn.Linear(32, 5)).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    runs = []
+    for model in models:
+        o = fo.optim.FusedAdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"),
+                                max_grad_norm=1.0, backend=backend_name)
+        scaler = fo.amp.LossScaler(init_scale=2.0 ** 12)
+
+        def train_step(x, y, model=model, o=o, scaler=scaler):
+            loss = fo.cross_entropy(model(x), y)
+            o.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+            return loss.detach()
+        runs.append(train_step)
+    runs[1] = torch.compile(runs[1], mode="reduce-overhead")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(6):
+        x = torch.randn(16, 8, device="cuda", generator=gen)
+        y = torch.randint(0, 5, (16,), device="cuda", generator=gen)
+        losses = [run(x, y).clone() for run in runs]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
