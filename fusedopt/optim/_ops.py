@@ -14,7 +14,10 @@ The implementations run eagerly, on the real tensors: the hyper-parameters are c
 as the eager step converts them (``_scalars``: a CPU tensor lr for CUDA params is read on
 the host), and the `cpu`, `cuda` and `triton` launchers verify every tensor at the kernel
 boundary (``backends/_optim_boundary.py``) before any address is read, exactly as for an
-eager call.  Their caches (pointer tables, boundary records) live in a `CacheStore` owned by
+eager call.  The guards of a compiled step re-check every tensor's metadata, not its
+storage (one freed in place keeps its shape), so a step first runs ``fusedopt::verify_step``
+over all its buckets: a refusal comes before any op wrote anything, and every other op of
+the step takes its result (``after``) so that nothing is ordered before it.  Their caches (pointer tables, boundary records) live in a `CacheStore` owned by
 the optimizer, found through the integer ``store`` argument, so they are kept across steps
 and freed with the optimizer.
 """
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fusedopt import backends
+from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim._scalars import hyper
 
 _STORES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -67,9 +71,45 @@ def _scalar(value: float, tensor: Optional[Tensor], device, name: str):
     return hyper(tensor if tensor is not None else value, device, name)
 
 
+@torch.library.custom_op("fusedopt::verify_step", mutates_args=())
+def verify_step(tensors: list[Tensor], spec: list[int], store: int,
+                device: torch.device) -> Tensor:
+    """Every bucket of a compiled step through the kernel boundary before any op writes.
+
+    ``tensors`` holds the buckets' lists one after the other, ``spec`` per bucket: its
+    group, its number of params n, its numbers of numel-sized and of 0-dim lists, then for
+    each of these lists 1 when present (n tensors in ``tensors``) or 0.  A refusal raises
+    here, before any op of the step ran.  Returns a 0-dim fp32 zero on ``device`` that the
+    step's other ops take as ``after``, which orders them after this one."""
+    at = k = 0
+    while k < len(spec):
+        group, n, n_vectors, n_scalars = spec[k:k + 4]
+        present = spec[k + 4:k + 4 + n_vectors + n_scalars]
+        k += 4 + n_vectors + n_scalars
+        params, grads = list(tensors[at:at + n]), list(tensors[at + n:at + 2 * n])
+        at += 2 * n
+        lists = []
+        for i, has in enumerate(present):
+            lists.append((f"list {i}", list(tensors[at:at + n]) if has else None))
+            at += n if has else 0
+        try:
+            boundary.verify_update(_cache(store, "verify", group, params[0]), params, grads,
+                                   tuple(lists[:n_vectors]), tuple(lists[n_vectors:]),
+                                   wide=params[0].dtype in boundary.WIDE_DTYPES)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"the compiled step's bucket of param group {group}: {exc}") \
+                from None
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
+@verify_step.register_fake
+def _(tensors, spec, store, device):
+    return torch.empty((), dtype=torch.float32, device=device)
+
+
 @torch.library.custom_op("fusedopt::multi_tensor_norm", mutates_args=())
 def multi_tensor_norm(tensors: list[Tensor], inv_scale: Optional[Tensor], backend: str,
-                      store: int) -> Tensor:
+                      store: int, after: Optional[Tensor]) -> Tensor:
     """``[Σ (g·inv_scale)², nonfinite]`` of one (device, dtype) of gradients (the backend's
     ``multi_tensor_norm``)."""
     tensors = list(tensors)
@@ -78,7 +118,7 @@ def multi_tensor_norm(tensors: list[Tensor], inv_scale: Optional[Tensor], backen
 
 
 @multi_tensor_norm.register_fake
-def _(tensors, inv_scale, backend, store):
+def _(tensors, inv_scale, backend, store, after):
     wide = tensors[0].dtype in (torch.float64, torch.complex128)  # the torch backend's fp64 norm
     return tensors[0].new_empty(2, dtype=torch.float64 if wide else torch.float32)
 
@@ -92,7 +132,7 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
               beta2: float, beta2_tensor: Optional[Tensor], eps: float, weight_decay: float,
               amsgrad: bool, maximize: bool, decoupled: bool, inv_scale: Optional[Tensor],
               clip_coef: Optional[Tensor], skip: Optional[Tensor], backend: str, store: int,
-              group: int) -> None:
+              group: int, after: Optional[Tensor]) -> None:
     """One Adam/AdamW step over a bucket (the backend's ``adam_step``)."""
     device = params[0].device
     _backend(backend).adam_step(
@@ -108,7 +148,7 @@ def adam_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 @adam_step.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, lr,
       lr_tensor, beta1, beta1_tensor, beta2, beta2_tensor, eps, weight_decay, amsgrad,
-      maximize, decoupled, inv_scale, clip_coef, skip, backend, store, group):
+      maximize, decoupled, inv_scale, clip_coef, skip, backend, store, group, after):
     return None
 
 
@@ -119,7 +159,7 @@ def sgd_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[T
              lr_tensor: Optional[Tensor], momentum: float, dampening: float,
              weight_decay: float, nesterov: bool, maximize: bool, inv_scale: Optional[Tensor],
              clip_coef: Optional[Tensor], skip: Optional[Tensor], backend: str, store: int,
-             group: int) -> None:
+             group: int, after: Optional[Tensor]) -> None:
     """One SGD step over a bucket (the backend's ``sgd_step``)."""
     _backend(backend).sgd_step(
         list(params), list(grads), _optional(momentum_buffers), _optional(master_params),
@@ -132,5 +172,5 @@ def sgd_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[T
 @sgd_step.register_fake
 def _(params, grads, momentum_buffers, master_params, initialized, lr, lr_tensor, momentum,
       dampening, weight_decay, nesterov, maximize, inv_scale, clip_coef, skip, backend, store,
-      group):
+      group, after):
     return None

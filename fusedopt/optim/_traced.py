@@ -15,8 +15,10 @@ gradient and state tensor at each call and recompile when one changed.  So when
   written to the state dicts after it (Dynamo replays those writes), hidden until a step
   completed for it as in eager mode.  The call that creates state compiles once more at the
   next call, when the state exists (the guards on the state dicts change);
-- the norm and the updates as the custom ops of ``_ops`` (``torch.ops.fusedopt.*``), the
-  scale / clip / skip arithmetic between them as traced torch ops.
+- ``fusedopt::verify_step`` over every bucket (the kernel boundary's checks of what guards
+  do not see, e.g. a storage freed in place), then the norm and the updates as the custom
+  ops of ``_ops`` (``torch.ops.fusedopt.*``), each taking the verification's result so
+  that it runs after it; the scale / clip / skip arithmetic between them as traced ops.
 
 State tensors are marked as static inputs (`mark_static`), by the eager step and the
 traced one when they create them: they keep their address, so CUDA graphs
@@ -45,6 +47,7 @@ class TracedBucket:
         self.backend = backend  # the name of the backend module
         self.params, self.grads, self.wheres = [], [], []
         self.lists: dict = {}
+        self.token = None  # verify_step's result on the bucket's device
 
 
 def step(opt, loss_scale, amp_scale, amp_found_inf):
@@ -53,9 +56,31 @@ def step(opt, loss_scale, amp_scale, amp_found_inf):
     for b in buckets:
         opt._traced_lists(b)
     hypers = [opt._traced_hyper(b) for b in buckets]
+    if buckets:
+        home = loss_scale.device if loss_scale is not None else buckets[0].device
+        token = _verify(opt, buckets, home)
+        for b in buckets:
+            b.token = on_device(token, b.device)
+        if amp_found_inf is not None:  # the skip count is written after the checks too
+            amp_found_inf = on_device(amp_found_inf, home) + token
     opt._fo_step_buckets(buckets, hypers, loss_scale, amp_scale, amp_found_inf,
                          lambda bs, inv_scale, home: global_norm(opt, bs, inv_scale, home),
                          opt._traced_run)
+
+
+def _verify(opt, buckets, home):
+    """``fusedopt::verify_step`` over the lists of every bucket (see _ops)."""
+    tensors, spec = [], []
+    for b in buckets:
+        vectors, scalars = opt._boundary_lists(b)
+        lists = [lst for _, lst in vectors + scalars]
+        spec += [b.gi, len(b.params), len(vectors), len(scalars)]
+        spec += [int(lst is not None) for lst in lists]
+        tensors += b.params + b.grads
+        for lst in lists:
+            if lst is not None:
+                tensors += lst
+    return torch.ops.fusedopt.verify_step(tensors, spec, opt._fo_store_id, home)
 
 
 def _buckets(opt) -> list[TracedBucket]:
@@ -96,7 +121,8 @@ def global_norm(opt, buckets, inv_scale, home):
     for (device, _), group in per_kind.items():
         grads = [g for b in group for g in b.grads]
         res = torch.ops.fusedopt.multi_tensor_norm(grads, on_device(inv_scale, device),
-                                                   group[0].backend, opt._fo_store_id)
+                                                   group[0].backend, opt._fo_store_id,
+                                                   group[0].token)
         parts.append(res.to(home, non_blocking=home.type != "cpu"))
     return combine_norms(parts)
 

@@ -95,7 +95,6 @@ class FusedAdam(FusedOptimizer):
             lists["max_exp_avg_sqs"], lists["master_params"], lists["steps"], **hyper,
             inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=b.cache)
 
-
     def _traced_lists(self, b):
         masters = self.master_weights and b.dtype in LOW_PRECISION
         amsgrad = b.group["amsgrad"]
@@ -113,6 +112,10 @@ class FusedAdam(FusedOptimizer):
                 lists["master_params"].append(
                     _traced.vector(state, "master_param", p, where, master_copy))
             lists["steps"].append(_traced.step_count(state, p, where))
+        if not amsgrad:
+            lists["max_exp_avg_sqs"] = None
+        if not masters:
+            lists["master_params"] = None
 
     def _traced_hyper(self, b):
         group = b.group
@@ -125,9 +128,9 @@ class FusedAdam(FusedOptimizer):
     def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists
         torch.ops.fusedopt.adam_step(
-            b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"],
-            lists["master_params"], lists["steps"], *hyper, inv_scale, clip_coef, skip,
-            b.backend, self._fo_store_id, b.gi)
+            b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"],
+            lists["max_exp_avg_sqs"] or [], lists["master_params"] or [], lists["steps"], *hyper,
+            inv_scale, clip_coef, skip, b.backend, self._fo_store_id, b.gi, b.token)
 
 
 class FusedAdamW(FusedAdam):

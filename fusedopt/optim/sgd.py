@@ -111,7 +111,6 @@ class FusedSGD(FusedOptimizer):
         if lists["confirm"] is not None:
             confirm_steps(lists["confirm"], skip)
 
-
     def _traced_lists(self, b):
         """As `_state_lists`, read from optimizer.state by the traced step."""
         momentum = b.group["momentum"] != 0
@@ -138,6 +137,11 @@ class FusedSGD(FusedOptimizer):
                 _traced.mark_static((flag,))
                 self._fo_sgd_flags[p] = (tracked, flag)
             lists["initialized"].append(flag)
+        lists["confirm"] = lists["initialized"] if masters and not momentum else None
+        if not momentum:
+            lists["momentum_buffers"] = None
+        if not masters:
+            lists["master_params"] = None
 
     def _traced_hyper(self, b):
         group = b.group
@@ -148,11 +152,11 @@ class FusedSGD(FusedOptimizer):
     def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists
         torch.ops.fusedopt.sgd_step(
-            b.params, b.grads, lists["momentum_buffers"], lists["master_params"],
+            b.params, b.grads, lists["momentum_buffers"] or [], lists["master_params"] or [],
             lists["initialized"], *hyper, inv_scale, clip_coef, skip, b.backend,
-            self._fo_store_id, b.gi)
-        if lists["master_params"] and not lists["momentum_buffers"]:
-            confirm_steps(lists["initialized"], skip)
+            self._fo_store_id, b.gi, b.token)
+        if lists["confirm"] is not None:  # after the op: the token orders it after the checks
+            confirm_steps(lists["confirm"], skip if skip is not None else b.token)
 
 
 def confirm_steps(flags, skip):

@@ -182,15 +182,19 @@ def test_custom_ops_pass_opcheck(backend_name):
     flags = [torch.zeros(()) for _ in ps]
     store, keep = _ops.new_store()
     scalars = (torch.tensor(0.5), torch.tensor(0.8), torch.tensor(0.0))
+    after = torch.zeros(())
+    torch.library.opcheck(torch.ops.fusedopt.verify_step.default, (
+        ps + like() + like() + like() + flags, [0, len(ps), 3, 1, 1, 1, 0, 1], store,
+        torch.device("cpu")))
     torch.library.opcheck(torch.ops.fusedopt.multi_tensor_norm.default,
-                          (like(), scalars[0], backend_name, store))
+                          (like(), scalars[0], backend_name, store, after))
     torch.library.opcheck(torch.ops.fusedopt.adam_step.default, (
         ps, like(), like(0.0), like(), like(), [], list(flags), 1e-2, None, 0.9,
         torch.tensor(0.9), 0.999, None, 1e-8, 0.1, True, False, True, *scalars,
-        backend_name, store, 0))
+        backend_name, store, 0, after))
     torch.library.opcheck(torch.ops.fusedopt.sgd_step.default, (
         ps, like(), like(0.0), [], list(flags), 0.0, torch.tensor(0.1), 0.9, 0.0, 0.1,
-        False, True, *scalars, backend_name, store, 1))
+        False, True, *scalars, backend_name, store, 1, None))
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import torch
 
 import fusedopt as fo
 from fusedopt import backends
+from optim_helpers import assert_bit_identical, snapshot
 from trust_common import (BF16, BIG, Sub, case, device_of, params_on, seeded_grads,
                           step_refused, stepped_adam, stepped_sgd)
 
@@ -87,6 +88,28 @@ def param_swapped_or_freed(b):
     else:
         raise AssertionError("freed storage not refused")
     assert all(torch.equal(a, p) for a, p in zip(before, ps[:2]))
+
+
+@case
+def compiled_step_with_freed_storage(b):
+    """The guards of a compiled step do not see a storage freed in place (the shape stays):
+    fusedopt::verify_step refuses it before any op of the step wrote, so the bucket of the
+    other param group is unchanged too."""
+    ps = params_on(device_of(b))
+    opt = fo.optim.FusedAdamW([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2, backend=b)
+    # aot_eager as Inductor restores grad mode when an op raises (Dynamo's "eager" does not)
+    compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    compiled()
+    compiled()
+    before = snapshot(opt, ps[:2])
+    ps[2].untyped_storage().resize_(0)
+    try:
+        compiled()
+    except ValueError as e:
+        assert re.search("bucket of param group 1: params\\[0\\] .*no data", str(e)), e
+    else:
+        raise AssertionError("freed storage not refused")
+    assert_bit_identical(before, snapshot(opt, ps[:2]))
 
 
 def _subclass_params():
