@@ -83,9 +83,14 @@ def verify_step(tensors: list[Tensor], spec: list[int], store: int,
     step's other ops take as ``after``, which orders them after this one."""
     at = k = 0
     while k < len(spec):
-        group, n, n_vectors, n_scalars = spec[k:k + 4]
-        present = spec[k + 4:k + 4 + n_vectors + n_scalars]
-        k += 4 + n_vectors + n_scalars
+        group, n, n_vectors, n_scalars = (list(spec[k:k + 4]) + [-1] * 4)[:4]
+        present = spec[k + 4:k + 4 + max(n_vectors, 0) + max(n_scalars, 0)]
+        k += 4 + len(present)
+        needed = n * (2 + sum(present)) if n > 0 and set(present) <= {0, 1} else -1
+        if min(n_vectors, n_scalars) < 0 or len(present) != n_vectors + n_scalars \
+                or needed < 0 or at + needed > len(tensors):
+            raise ValueError(f"verify_step: spec {list(spec)} does not describe the "
+                             f"{len(tensors)} tensors")
         params, grads = list(tensors[at:at + n]), list(tensors[at + n:at + 2 * n])
         at += 2 * n
         lists = []
@@ -99,6 +104,9 @@ def verify_step(tensors: list[Tensor], spec: list[int], store: int,
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"the compiled step's bucket of param group {group}: {exc}") \
                 from None
+    if at != len(tensors):
+        raise ValueError(f"verify_step: spec {list(spec)} does not describe the "
+                         f"{len(tensors)} tensors")
     return torch.zeros((), dtype=torch.float32, device=device)
 
 

@@ -197,6 +197,17 @@ def test_custom_ops_pass_opcheck(backend_name):
         False, True, *scalars, backend_name, store, 1, None))
 
 
+def test_verify_step_refuses_a_spec_that_does_not_describe_its_tensors():
+    tensors = [torch.zeros(3) for _ in range(4)]
+    store, keep = _ops.new_store()
+    for spec in ([0, 2, 0, 0, 1], [0, 1, 1, 0, 1], [0, -1, 0, 0], [0, 1, 5, 0], [0, 1, 0],
+                 [0, 1, 0, 0, 0, 2, 0, 0], [0, 1, 1, 0, 2]):
+        with pytest.raises(ValueError, match="does not describe the 4 tensors"):
+            torch.ops.fusedopt.verify_step(tensors, spec, store, torch.device("cpu"))
+    torch.ops.fusedopt.verify_step(tensors, [0, 1, 0, 0, 0, 1, 0, 0], store,
+                                   torch.device("cpu"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend_name", ["triton", "cuda"])
 def test_cuda_graphs_training_step(backend_name):
