@@ -138,6 +138,30 @@ def test_aot_eager_float64_with_fp32_grad_scaler_and_state_created_eagerly():
     assert _graphs_and_breaks() == (1, 0)
 
 
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_compiled_and_eager_steps_interleave(kind):
+    """State created by a compiled step is what the eager step goes on with, and the
+    reverse (the eager plan notices entries the traced step created)."""
+    def make(ps):
+        if kind == "sgd":
+            return fo.optim.FusedSGD(ps, lr=0.05, momentum=0.9, max_grad_norm=1.0,
+                                     backend="cpu")
+        return fo.optim.FusedAdamW(ps, lr=1e-2, amsgrad=True, max_grad_norm=1.0, backend="cpu")
+    twins = _twins(make, "cpu")
+    (ps, opt), (qs, copt) = twins
+    compiled = torch.compile(copt.step, backend="eager", fullgraph=True)
+    for k, grads in enumerate(make_grads(SHAPES, steps=6)):
+        grads = list(grads)
+        if k == 0:
+            grads[2] = None  # param 2 gets its state at the second compiled step
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        opt.step()
+        (copt.step if k in (2, 3) else compiled)()
+        _assert_same(twins[0], twins[1], f"step {k}")
+    assert len(copt.state) == len(SHAPES)
+
+
 def test_tensor_lr_scheduler_does_not_recompile():
     """A tensor lr, which torch's schedulers change in place, is read by the kernel: the
     compiled step does not recompile when it changes (a float lr is a constant of the graph,
