@@ -17,9 +17,10 @@ boundary (``backends/_optim_boundary.py``) before any address is read, exactly a
 eager call.  The guards of a compiled step re-check every tensor's metadata, not its
 storage (one freed in place keeps its shape), so a step first runs ``fusedopt::verify_step``
 over all its buckets: a refusal comes before any op wrote anything, and every other op of
-the step takes its result (``after``) so that nothing is ordered before it.  Their caches (pointer tables, boundary records) live in a `CacheStore` owned by
-the optimizer, found through the integer ``store`` argument, so they are kept across steps
-and freed with the optimizer.
+the step takes its result (``after``) so that nothing is ordered before it.  Their caches
+(pointer tables, boundary records) live in a `CacheStore` owned by the optimizer, found
+through the integer ``store`` argument, so they are kept across steps and freed with the
+optimizer.
 """
 
 from __future__ import annotations

@@ -138,6 +138,45 @@ def test_aot_eager_float64_with_fp32_grad_scaler_and_state_created_eagerly():
     assert _graphs_and_breaks() == (1, 0)
 
 
+def test_loss_scaler_step_and_update_compile_with_complex_params():
+    """``scaler.step(opt); scaler.update()`` as one fullgraph function, over complex64
+    params (the torch backend, through their real views) beside fp32 ones (cpu), an
+    overflow at step 2: equals the same code run eagerly, scale and norms included."""
+    require_op("cpu", "adam")
+    dtypes = [torch.complex64, torch.float32] * 2
+    runs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.randn(s, dtype=d, generator=gen).requires_grad_()
+              for s, d in zip(SHAPES, dtypes)]
+        runs.append((ps, fo.optim.FusedAdamW(ps, lr=1e-2, max_grad_norm=0.5),
+                     fo.amp.LossScaler(init_scale=2.0 ** 8, growth_interval=2)))
+
+    def update(opt, scaler):
+        scaler.step(opt)
+        scaler.update()
+
+    steps = [update, torch.compile(update, backend="aot_eager", fullgraph=True)]
+    scales = []
+    for k in range(4):
+        x = [torch.randn(s, generator=torch.Generator().manual_seed(k)) for s in SHAPES]
+        for (ps, opt, scaler), run in zip(runs, steps):
+            loss = sum((torch.view_as_real(p)[..., 0] if p.is_complex() else p).mul(xi)
+                       .sin().sum() for p, xi in zip(ps, x))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if k == 2:
+                ps[1].grad[4] = float("inf")
+            run(opt, scaler)
+        (ps, opt, scaler), (qs, copt, cscaler) = runs
+        _assert_same((ps, opt), (qs, copt), f"step {k}")
+        assert torch.equal(cscaler._scale, scaler._scale), f"step {k}: scale"
+        scales.append(cscaler.get_scale())
+    assert scales == [2.0 ** 8, 2.0 ** 9, 2.0 ** 8, 2.0 ** 8]  # grown after 2, backed off
+    assert float(copt.skipped_steps) == 1.0
+    assert _graphs_and_breaks()[1] == 0
+
+
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_compiled_and_eager_steps_interleave(kind):
     """State created by a compiled step is what the eager step goes on with, and the
