@@ -25,6 +25,16 @@ def _is_real(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def group_number(group: dict, key: str) -> float:
+    """A param group's number option (``eps``, ``weight_decay``, SGD's ``momentum``, ...) as
+    a float, read at every step: a value set after construction that is not a real number is
+    a TypeError naming it, before anything runs."""
+    value = group[key]
+    if not _is_real(value):
+        raise TypeError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
 def _scalar(name, value, *, tensor_ok):
     """The float value of a number (or, when allowed, of a one-element float tensor)."""
     if torch.is_tensor(value):

@@ -12,6 +12,7 @@ import torch
 
 from fusedopt.optim import _checks, _traced
 from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._checks import group_number as _number
 from fusedopt.optim._scalars import hyper
 from fusedopt.optim._plan import (LOW_PRECISION, STATE_KEY, master_copy, state_zeros,
                                   step_state, vector_state)
@@ -83,8 +84,8 @@ class FusedAdam(FusedOptimizer):
         group, device = b.group, b.device
         beta1, beta2 = group["betas"]
         return dict(lr=hyper(group["lr"], device, "lr"), beta1=hyper(beta1, device, "betas[0]"),
-                    beta2=hyper(beta2, device, "betas[1]"), eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                    beta2=hyper(beta2, device, "betas[1]"), eps=_number(group, "eps"),
+                    weight_decay=_number(group, "weight_decay"), amsgrad=bool(group["amsgrad"]),
                     maximize=bool(group["maximize"]),
                     decoupled=bool(group["decoupled_weight_decay"]))
 
@@ -121,8 +122,8 @@ class FusedAdam(FusedOptimizer):
         group = b.group
         beta1, beta2 = group["betas"]
         return (*_traced.scalar(group["lr"], "lr"), *_traced.scalar(beta1, "betas[0]"),
-                *_traced.scalar(beta2, "betas[1]"), float(group["eps"]),
-                float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
+                *_traced.scalar(beta2, "betas[1]"), _number(group, "eps"),
+                _number(group, "weight_decay"), bool(group["amsgrad"]), bool(group["maximize"]),
                 bool(group["decoupled_weight_decay"]))
 
     def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):

@@ -16,6 +16,7 @@ import torch
 
 from fusedopt.optim import _checks, _traced
 from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._checks import group_number as _number
 from fusedopt.optim._scalars import hyper
 from fusedopt.optim._plan import LOW_PRECISION, master_copy, state_zeros, vector_state
 
@@ -98,8 +99,9 @@ class FusedSGD(FusedOptimizer):
 
     def _hyper_args(self, b):
         group = b.group
-        return dict(lr=hyper(group["lr"], b.device, "lr"), momentum=float(group["momentum"]),
-                    dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+        return dict(lr=hyper(group["lr"], b.device, "lr"), momentum=_number(group, "momentum"),
+                    dampening=_number(group, "dampening"),
+                    weight_decay=_number(group, "weight_decay"),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
@@ -145,9 +147,9 @@ class FusedSGD(FusedOptimizer):
 
     def _traced_hyper(self, b):
         group = b.group
-        return (*_traced.scalar(group["lr"], "lr"), float(group["momentum"]),
-                float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]),
-                bool(group["maximize"]))
+        return (*_traced.scalar(group["lr"], "lr"), _number(group, "momentum"),
+                _number(group, "dampening"), _number(group, "weight_decay"),
+                bool(group["nesterov"]), bool(group["maximize"]))
 
     def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists

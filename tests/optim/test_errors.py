@@ -214,7 +214,9 @@ def test_bad_group_values_set_after_construction_are_refused_before_anything_run
     for key, value, exc, match in [("lr", "fast", TypeError, "lr must be a number"),
                                    ("lr", torch.tensor([0.1, 0.2]), TypeError, "one-element"),
                                    ("betas", (0.9, torch.tensor([1, 2])), TypeError, r"betas\[1\]"),
-                                   ("eps", None, TypeError, "")]:
+                                   ("eps", None, TypeError, "eps must be a number, got None"),
+                                   ("weight_decay", "0.1", TypeError,
+                                    "weight_decay must be a number, got '0.1'")]:
         good = opt.param_groups[0][key]
         opt.param_groups[0][key] = value
         before = snapshot(opt, ps) + [opt.last_grad_norm.clone()]
@@ -223,3 +225,10 @@ def test_bad_group_values_set_after_construction_are_refused_before_anything_run
         assert_bit_identical(before, snapshot(opt, ps) + [opt.last_grad_norm])
         opt.param_groups[0][key] = good
     opt.step()
+    sgd = fo.optim.FusedSGD(ps, lr=1e-2, momentum=0.9, backend=backend)
+    sgd.step()
+    sgd.param_groups[0]["momentum"] = [0.9]
+    before = snapshot(sgd, ps)
+    with pytest.raises(TypeError, match=r"momentum must be a number, got \[0\.9\]"):
+        sgd.step()
+    assert_bit_identical(before, snapshot(sgd, ps))
