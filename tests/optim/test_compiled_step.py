@@ -177,6 +177,40 @@ def test_loss_scaler_step_and_update_compile_with_complex_params():
     assert _graphs_and_breaks()[1] == 0
 
 
+def test_compiled_training_step_breaks_only_where_torch_does():
+    """A whole AMP training step under torch.compile (no fullgraph) trains like eager, and
+    its only graph breaks are torch's own (``loss.backward()``, ``Optimizer.zero_grad``):
+    none in the loss, the optimizer step or the scaler."""
+    require_op("cpu", "adam")
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(),
+                                  torch.nn.Linear(16, 5)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    runs = []
+    for model in models:
+        opt = fo.optim.FusedAdamW(model.parameters(), lr=torch.tensor(1e-3),
+                                  max_grad_norm=1.0, backend="cpu")
+        scaler = fo.amp.LossScaler(init_scale=2.0 ** 12)
+
+        def train_step(x, y, model=model, opt=opt, scaler=scaler):
+            loss = fo.cross_entropy(model(x), y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            return loss.detach()
+        runs.append(train_step)
+    runs[1] = torch.compile(runs[1], backend="eager")
+    gen = torch.Generator().manual_seed(1)
+    for k in range(3):
+        x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)
+        losses = [run(x, y) for run in runs]
+        assert torch.equal(losses[1], losses[0]), f"step {k}: loss"
+        assert_bit_identical(list(models[0].parameters()), list(models[1].parameters()))
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("backward" in why or "Optimizer.zero_grad" in why for why in breaks)
+
+
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_compiled_and_eager_steps_interleave(kind):
     """State created by a compiled step is what the eager step goes on with, and the
