@@ -9,7 +9,9 @@ checkpoint's groups) and the key:
 - a known state tensor (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``,
   ``momentum_buffer``): a plain tensor (TypeError otherwise) with data (not meta), of a
   dtype that casts to float32 (not complex), of the param's shape (ValueError otherwise);
-  it is copied into a new fp32 tensor with the param's device and layout;
+  it is copied into a new fp32 tensor with the param's device and layout (for a DTensor
+  param: a DTensor with its placements, holding this rank's part of the value -- a plain
+  tensor is taken as the full value, a DTensor on another placement is redistributed);
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
@@ -25,7 +27,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks
+from fusedopt.optim import _checks, _distributed
 
 _F32 = torch.float32
 
@@ -89,13 +91,18 @@ def _entry(opt, p, index, entry) -> dict:
 def _tensor(value, p, what) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
-    boundary.local_tensor(value, what)
-    if value.layout != torch.strided:
-        raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
-    if value.is_quantized or value.is_complex() or not torch.can_cast(value.dtype, _F32):
-        raise TypeError(f"{what} has dtype {value.dtype}, which does not cast to torch.float32")
-    if value.device.type == "meta":
+    dtensor_param = _distributed.is_dtensor(p)
+    if _distributed.is_dtensor(value) and not dtensor_param:
+        raise TypeError(f"{what} is a DTensor, but its param is a plain tensor")
+    shard = boundary.local_tensor(value, what)
+    if shard.layout != torch.strided:
+        raise TypeError(f"{what} has layout {shard.layout}, expected a strided tensor")
+    if shard.is_quantized or shard.is_complex() or not torch.can_cast(shard.dtype, _F32):
+        raise TypeError(f"{what} has dtype {shard.dtype}, which does not cast to torch.float32")
+    if shard.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor: it has no data to load")
+    if dtensor_param:  # this rank's shard of the value, in a DTensor like the param
+        return _distributed.like_param(p, _distributed.shard_of(value, p, what))
     if value.shape != p.shape:
         raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
                          f"(the param's shape)")

@@ -23,7 +23,10 @@ import torch
 
 from fusedopt.optim import _loading
 
-_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches")
+# caches, and the process group (which does not pickle): an unpickled optimizer takes its
+# DTensor params' mesh again, or none
+_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches", "_fo_norm", "_fo_group_arg",
+              "process_group")
 
 
 class StateView(MutableMapping):
@@ -141,5 +144,6 @@ class StateMixin:
             internal = dict(state.pop("state", {}))
         super().__setstate__(state)
         self._fo_backends = {}
+        self._fo_norm = self._fo_group_arg = self.process_group = None
         self._fo_reset(internal)
         self._fo_hidden, self._fo_sgd_flags = set(hidden), dict(flags)

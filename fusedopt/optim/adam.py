@@ -28,7 +28,8 @@ class FusedAdam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  amsgrad=False, maximize=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None):
+                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None,
+                 process_group=None):
         _checks.flag("capturable", capturable)
         self.capturable = capturable  # accepted for torch parity: step() never syncs anyway
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -36,7 +37,8 @@ class FusedAdam(FusedOptimizer):
         self._check_hyper_params(defaults)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, backend=backend,
+                         process_group=process_group)
 
     def _check_hyper_params(self, group):
         _checks.lr(group["lr"])
@@ -99,11 +101,12 @@ class FusedAdamW(FusedAdam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
                  amsgrad=False, maximize=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None):
+                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None,
+                 process_group=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
                          max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
-                         capturable=capturable, backend=backend)
+                         capturable=capturable, backend=backend, process_group=process_group)
 
 
 def _master_copy(p):

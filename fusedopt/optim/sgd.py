@@ -29,13 +29,13 @@ class FusedSGD(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, backend=None):
+                 skip_nonfinite=False, backend=None, process_group=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         self._check_hyper_params(defaults)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
-                         master_weights=False, backend=backend)
+                         master_weights=False, backend=backend, process_group=process_group)
 
     def _check_hyper_params(self, group):
         _checks.lr(group["lr"])
@@ -57,12 +57,12 @@ class FusedSGD(FusedOptimizer):
         starts unset (torch's first step ``buf = d_p``); any other buffer found in the state
         (loaded, or written by the user) is used as it is, as torch does."""
         buffers = None
-        flags = [torch.zeros((), dtype=_F32, device=p.device) for p in b.params]
+        flags = [torch.zeros((), dtype=_F32, device=p.device) for p in b.keys]
         if b.group["momentum"] != 0:
             buffers = vector_state(self, b, "momentum_buffer", pending,
                                    partial(torch.zeros_like, dtype=_F32))
             created = {id(value) for p, key, value in pending.writes}
-            for i, (p, buf) in enumerate(zip(b.params, buffers)):
+            for i, (p, buf) in enumerate(zip(b.keys, buffers)):
                 record = self._fo_sgd_flags.get(p)
                 if record is not None and record[0] is buf:
                     flags[i] = record[1]
