@@ -11,10 +11,13 @@ group with one all-reduce of a small device tensor per step (`all_reduce_sum`, a
 functional collective: no host sync).  `resolve` chooses the group: the ``process_group``
 the user passed, else the group of the DTensor params' device mesh, else none (every rank
 on its own, as for DDP, whose gradients are the same on every rank).  Each element is
-counted once over the group: a plain param counts on every rank (each rank's plain params
-are its own part of the model), a DTensor param counts on the ranks whose coordinate is 0
-on every mesh dim where it is replicated, and only in the copy of its mesh that holds the
-lowest rank of the meshes' ranks (`NormGroup.counted`).
+counted once over the group (`NormGroup.counted`): a DTensor param counts on the ranks
+whose coordinate is 0 on every mesh dim where it is replicated, and only in the copy of its
+mesh that holds the lowest rank of the meshes' ranks; a plain param counts on every rank
+when ``process_group`` was given (each rank's plain params are its own part of the model:
+ZeRO, hand-sharded params), and on the lowest rank only when the group comes from the
+DTensor params (then a plain param is a replica, e.g. a module tensor parallelism left
+alone).
 """
 
 from __future__ import annotations
@@ -171,19 +174,26 @@ def _mesh_group(mesh, ranks):
 
 
 class NormGroup:
-    """The process group of an optimizer's norm and which of its params count in it."""
+    """The process group of an optimizer's norm and which of its params count in it.
 
-    __slots__ = ("group", "owner", "_mesh_owned")
+    ``plain_own``: a plain param is this rank's own part of the model (``process_group``
+    given), else a replica of one every rank of the group holds (the unparallelized modules
+    of a tensor-parallel model), counted on the lowest rank only."""
 
-    def __init__(self, group, owner):
+    __slots__ = ("group", "owner", "plain_own", "_mesh_owned")
+
+    def __init__(self, group, owner, plain_own):
         self.group = group
         self.owner = owner  # the lowest rank of the params' meshes (None: no DTensor param)
+        self.plain_own = plain_own
         self._mesh_owned: dict = {}
 
     def counted(self, p) -> bool:
         """Whether this rank adds ``p``'s squared gradient to the norm."""
         if not is_dtensor(p):
-            return True
+            import torch.distributed as dist
+
+            return self.plain_own or dist.get_rank() == self.owner
         mesh = p.device_mesh
         coordinate = mesh.get_coordinate()
         if coordinate is None:
@@ -221,11 +231,7 @@ def resolve(params, process_group) -> NormGroup | None:
         if not union <= members:
             raise ValueError(f"process_group (ranks {sorted(members)}) does not contain every "
                              f"rank of the DTensor params' device meshes ({sorted(union)})")
-        return NormGroup(process_group, owner)
-    if len(dparams) != len(params):
-        raise ValueError("the params mix DTensors and plain tensors: pass process_group= to say "
-                         "over which ranks the gradient norm is summed (a plain param then "
-                         "counts as this rank's own part of the model)")
+        return NormGroup(process_group, owner, plain_own=True)
     widest = [key for key in meshes if ranks[key] == union]
     if not widest:
         raise ValueError(f"the DTensor params live on device meshes over different ranks "
@@ -233,7 +239,7 @@ def resolve(params, process_group) -> NormGroup | None:
                          f"them all: pass process_group= (the group over which the gradient "
                          f"norm is summed)")
     mesh = meshes[max(widest, key=lambda key: meshes[key].ndim)]
-    return NormGroup(_mesh_group(mesh, union), owner)
+    return NormGroup(_mesh_group(mesh, union), owner, plain_own=False)
 
 
 def all_reduce_sum(buffer: torch.Tensor, group) -> None:

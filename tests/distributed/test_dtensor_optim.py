@@ -1,0 +1,106 @@
+"""The fused optimizers on DTensor params, on 2 spawned ranks (gloo on CPU; NCCL where 2 GPUs
+exist): FSDP2 (``fully_shard``, uneven shards, one rank holding an empty shard), tensor
+parallelism (sharded and replicated params, a plain param left alone, a Partial gradient)
+and HSDP (a replicated mesh dim) against torch.optim + ``clip_grad_norm_`` on the whole
+model, with clipping at every step; states are DTensors with the params' placements."""
+
+import pytest
+import torch
+
+from _harness import backend_skip_reason, device_for, rank_pool
+from optim_cases import (EVEN, MAX_NORM, STEPS, assert_close_to, fsdp2_model, fused,
+                         make_model, mesh_of, optimizer_backends, reference_run, train)
+
+def assert_dtensor_states(opt, params):
+    from torch.distributed.tensor import DTensor
+
+    for p in params:
+        state = opt.state[p]
+        assert state, "no state"
+        for key, value in state.items():
+            if key == "step":
+                assert type(value) is torch.Tensor and value.dim() == 0
+            else:
+                assert type(value) is DTensor and value.placements == p.placements, key
+                assert value.to_local().shape == p.to_local().shape, key
+
+
+def check_fsdp2_matches_torch(rank, world, dist_backend, kind, with_triton):
+    device = device_for(dist_backend, rank)
+    mesh = mesh_of(device, (world,))
+    ref, ref_norms = reference_run(kind, device)
+    ran = []
+    for backend in optimizer_backends(device, with_triton):
+        model = fsdp2_model(device, mesh)
+        assert min(p.to_local().numel() for p in model.parameters()) == (rank == 0)
+        opt = fused(kind, model.parameters(), backend)
+        assert opt.process_group is mesh.get_group()
+        norms = train(model, opt, rank, world, range(STEPS), device)
+        torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0)
+        assert bool((norms > MAX_NORM).all())  # clipping acted at every step
+        assert_close_to(model.parameters(), ref, f"FSDP2 {kind} {backend}")
+        assert_dtensor_states(opt, model.parameters())
+        ran.append(backend)
+    return ran
+
+
+def check_tp_and_hsdp_match_torch(rank, world, dist_backend, kind):
+    """Tensor parallelism (row- and column-sharded weights, a replicated bias whose
+    gradient is handed over once as Partial, a plain last layer), then HSDP (replicated
+    over a mesh dim of 2, sharded over one of 1): nothing is counted twice in the norm."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    from torch.distributed.fsdp import fully_shard
+
+    device = device_for(dist_backend, rank)
+    ref, ref_norms = reference_run(kind, device, widths=EVEN)
+    mesh = mesh_of(device, (world,))
+    model = parallelize_module(make_model(device, widths=EVEN), mesh,
+                               {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    bias = model[2].bias
+    assert bias.placements == (Replicate(),) and type(model[4].weight) is torch.nn.Parameter
+
+    def partial_bias_grad(step):
+        if step == 1:  # the sum over the ranks of the halves is the gradient
+            bias.grad = DTensor.from_local(bias.grad.to_local() / world, mesh, [Partial()],
+                                           run_check=False)
+
+    backend = optimizer_backends(device, with_triton=False)[0]
+    opt = fused(kind, model.parameters(), backend)
+    norms = train(model, opt, rank, world, range(STEPS), device, split_rows=False,
+                  edit_grads=partial_bias_grad)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0)
+    assert_close_to(model.parameters(), ref, f"TP {kind}")
+
+    ref, ref_norms = reference_run(kind, device)
+    hsdp = mesh_of(device, (world, 1), ("replicate", "shard"))
+    model = fully_shard(make_model(device), mesh=hsdp)
+    assert model[0].weight.placements[0] == Replicate()
+    opt = fused(kind, model.parameters(), backend)
+    norms = train(model, opt, rank, world, range(STEPS), device)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0)
+    assert_close_to(model.parameters(), ref, f"HSDP {kind}")
+    assert_dtensor_states(opt, model.parameters())
+    return True
+
+
+@pytest.fixture(scope="module", params=["gloo", "nccl"])
+def ranks(request):
+    reason = backend_skip_reason(request.param, 2)
+    if reason is not None:
+        pytest.skip(f"{request.param}: {reason}")
+    return request.param, rank_pool(2, request.param)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_fsdp2_matches_torch_with_clipping(ranks, kind):
+    dist_backend, pool = ranks
+    ran = pool.run(check_fsdp2_matches_torch, dist_backend, kind, kind == "adamw")
+    assert ran[0] == ran[1] and {"torch"} <= set(ran[0]), ran
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_tensor_parallel_and_hsdp_match_torch(ranks, kind):
+    dist_backend, pool = ranks
+    assert pool.run(check_tp_and_hsdp_match_torch, dist_backend, kind) == [True, True]
