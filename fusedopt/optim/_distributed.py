@@ -48,7 +48,10 @@ def local(t):
 
 def localize(lst):
     """A list with every DTensor replaced by its local tensor (None unchanged)."""
-    return None if lst is None else list(map(local, lst))
+    if lst is None:
+        return None
+    cls = dtensor_type()
+    return [t._local_tensor if type(t) is cls else t for t in lst]
 
 
 def describe_spec(t) -> str:
@@ -146,9 +149,10 @@ class BucketGrads:
 
     def local_grads(self, keys, grads, check: bool):
         """The local gradients (with ``check``, None when a gradient's placements changed)."""
-        if check and [g.placements if is_dtensor(g) else None for g in grads] != self.placements:
+        cls = dtensor_type()
+        if check and [g.placements if type(g) is cls else None for g in grads] != self.placements:
             return None
-        out = list(map(local, grads))
+        out = [g._local_tensor if type(g) is cls else g for g in grads]
         for i in self.redistribute:
             p = keys[i]
             out[i] = grads[i].redistribute(p.device_mesh, p.placements)._local_tensor

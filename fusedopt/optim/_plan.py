@@ -146,7 +146,7 @@ def _refresh(opt, b: Bucket, grads) -> bool:
     try:
         g = grads if b.index is None else list(map(grads.__getitem__, b.index))
         if b.dist is not None:
-            if not all(map(_is, map(_distributed.local, b.keys), b.params)):
+            if not all(map(_is, _distributed.localize(b.keys), b.params)):
                 return False
             g = b.dist.local_grads(b.keys, g, check=True)
             if g is None:

@@ -174,3 +174,25 @@ def test_fsdp2_overflow_on_one_rank_skips_everywhere(ranks, scaler_kind, flow):
     dist_backend, pool = ranks
     out = pool.run(check_fsdp2_scalers_skip_together, dist_backend, "adamw", scaler_kind, flow)
     assert out[0] == out[1] and out[0][1] == 1, out
+
+
+def check_rank_without_gradients_still_takes_part(rank, world, dist_backend):
+    """Rank 1's only param has no gradient: its step still joins the all-reduce (rank 0
+    would wait for it otherwise) and both get the same norm and clip."""
+    device = device_for(dist_backend, rank)
+    backend = optimizer_backends(device, with_triton=False)[0]
+    p = torch.full((3,), 1.0, device=device, requires_grad=True)
+    opt = fused("sgd", [p], backend, max_norm=1.0, process_group=_world_group())
+    if rank == 0:
+        p.grad = torch.full((3,), 4.0, device=device)  # norm sqrt(48)
+    opt.step()
+    return float(opt.last_grad_norm), p.detach().tolist()
+
+
+def test_a_rank_without_gradients_takes_part_in_the_norm(ranks):
+    dist_backend, pool = ranks
+    (norm0, p0), (norm1, p1) = pool.run(check_rank_without_gradients_still_takes_part,
+                                        dist_backend)
+    assert norm0 == norm1 == pytest.approx(48 ** 0.5, rel=1e-6)
+    d_p = 4.0 / 48 ** 0.5 + 1e-3  # the clipped gradient + weight decay; Nesterov, momentum 0.9
+    assert p1 == [1.0] * 3 and p0 == pytest.approx([1.0 - 0.1 * 1.9 * d_p] * 3, rel=1e-6)
