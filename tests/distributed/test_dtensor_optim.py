@@ -1,7 +1,7 @@
 """The fused optimizers on DTensor params, on 2 spawned ranks (gloo on CPU; NCCL where 2 GPUs
 exist): FSDP2 (``fully_shard``, uneven shards, one rank holding an empty shard), tensor
-parallelism (sharded and replicated params, a plain param left alone, a Partial gradient)
-and HSDP (a replicated mesh dim) against torch.optim + ``clip_grad_norm_`` on the whole
+parallelism (sharded and replicated params, a plain param left alone, a Partial gradient),
+FSDP2 over tensor parallelism (two meshes) and HSDP (a replicated mesh dim) against torch.optim + ``clip_grad_norm_`` on the whole
 model, with clipping at every step; states are DTensors with the params' placements."""
 
 import pytest
@@ -46,8 +46,9 @@ def check_fsdp2_matches_torch(rank, world, dist_backend, kind, with_triton):
 
 def check_tp_and_hsdp_match_torch(rank, world, dist_backend, kind):
     """Tensor parallelism (row- and column-sharded weights, a replicated bias whose
-    gradient is handed over once as Partial, a plain last layer), then HSDP (replicated
-    over a mesh dim of 2, sharded over one of 1): nothing is counted twice in the norm."""
+    gradient is handed over once as Partial, a plain last layer), FSDP2 over it (params on
+    a 2-D mesh and on its sub-mesh), then HSDP (replicated over a mesh dim of 2, sharded
+    over one of 1): nothing is counted twice in the norm."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
@@ -73,6 +74,18 @@ def check_tp_and_hsdp_match_torch(rank, world, dist_backend, kind):
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0)
     assert_close_to(model.parameters(), ref, f"TP {kind}")
 
+    # FSDP2 over tensor parallelism: the tensor-parallel params on the 2-D mesh, the plain
+    # layer's on its data-parallel sub-mesh; one group over both
+    dp_tp = mesh_of(device, (world, 1), ("dp", "tp"))
+    model = parallelize_module(make_model(device, widths=EVEN), dp_tp["tp"],
+                               {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=dp_tp["dp"])
+    assert model[0].weight.device_mesh.ndim == 2 and model[4].weight.device_mesh.ndim == 1
+    opt = fused(kind, model.parameters(), backend)
+    norms = train(model, opt, rank, world, range(STEPS), device)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0)
+    assert_close_to(model.parameters(), ref, f"FSDP2 + TP {kind}")
+
     ref, ref_norms = reference_run(kind, device)
     hsdp = mesh_of(device, (world, 1), ("replicate", "shard"))
     model = fully_shard(make_model(device), mesh=hsdp)
@@ -96,11 +109,13 @@ def ranks(request):
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_fsdp2_matches_torch_with_clipping(ranks, kind):
     dist_backend, pool = ranks
-    ran = pool.run(check_fsdp2_matches_torch, dist_backend, kind, kind == "adamw")
-    assert ran[0] == ran[1] and {"torch"} <= set(ran[0]), ran
+    with_triton = kind == "adamw"
+    ran = pool.run(check_fsdp2_matches_torch, dist_backend, kind, with_triton)
+    assert ran[0] == ran[1] == optimizer_backends(device_for(dist_backend, 0), with_triton)
+    assert "torch" in ran[0]
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
-def test_tensor_parallel_and_hsdp_match_torch(ranks, kind):
+def test_tensor_parallel_fsdp2_over_tp_and_hsdp_match_torch(ranks, kind):
     dist_backend, pool = ranks
     assert pool.run(check_tp_and_hsdp_match_torch, dist_backend, kind) == [True, True]

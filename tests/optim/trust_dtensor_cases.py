@@ -37,12 +37,12 @@ def _dtensor_params(dev):
     return ps, [p.detach().clone().requires_grad_() for p in shaped]
 
 
-def _grads(ps, plain, seed):
+def _grads(ps, plain, seed, scale=1.0):
     from torch.distributed.tensor import distribute_tensor
 
     gen = torch.Generator().manual_seed(seed)
     for p, q in zip(ps, plain):
-        g = torch.randn(q.shape, generator=gen).to(q.device)
+        g = (torch.randn(q.shape, generator=gen) * scale).to(q.device, q.dtype)
         q.grad = g.clone()
         p.grad = distribute_tensor(g, p.device_mesh, p.placements)
 
@@ -91,6 +91,34 @@ def dtensor_params_step_like_plain_params(b):
             for key, value in opt.state[p].items():
                 if key != "step":
                     assert type(value) is DTensor and value.placements == p.placements, key
+
+
+@case
+def dtensor_params_step_bit_identically_to_plain_ones(b):
+    """bf16 params with fp32 master weights, AMSGrad and a loss scale: the DTensor run's
+    local shards get exactly the plain run's bits (masters are DTensors too)."""
+    from torch.distributed.tensor import DTensor
+
+    dev = device_of(b)
+    ps, plain = _dtensor_params(dev)
+    ps = [torch.nn.Parameter(p.detach().bfloat16()) for p in ps]
+    plain = [q.detach().bfloat16().requires_grad_() for q in plain]
+    kw = dict(lr=1e-2, amsgrad=True, master_weights=True, max_grad_norm=0.5, backend=b)
+    opts = fo.optim.FusedAdamW(ps, **kw), fo.optim.FusedAdamW(plain, **kw)
+    scalers = fo.amp.LossScaler(init_scale=2.0**4), fo.amp.LossScaler(init_scale=2.0**4)
+    for k in range(3):
+        _grads(ps, plain, k, scale=16.0)
+        for opt, scaler in zip(opts, scalers):
+            scaler.scale(torch.ones((), device=dev))
+            scaler.step(opt)
+            scaler.update()
+    for p, q in zip(ps, plain):
+        assert torch.equal(p.full_tensor().view(torch.int16), q.detach().view(torch.int16))
+        for key, value in opts[1].state[q].items():
+            mine = opts[0].state[p][key]
+            if key == "master_param":
+                assert type(mine) is DTensor and mine.placements == p.placements
+            assert torch.equal(getattr(mine, "full_tensor", lambda m=mine: m)(), value), key
 
 
 @case
