@@ -119,3 +119,25 @@ def test_fsdp2_matches_torch_with_clipping(ranks, kind):
 def test_tensor_parallel_fsdp2_over_tp_and_hsdp_match_torch(ranks, kind):
     dist_backend, pool = ranks
     assert pool.run(check_tp_and_hsdp_match_torch, dist_backend, kind) == [True, True]
+
+
+def check_group_of_a_sub_mesh(rank, world, dist_backend):
+    """Params on a 2-D sub-mesh of one rank each (of a world x 1 x 1 mesh): each rank's
+    optimizer gets a group of its own mesh's ranks, made by those ranks only."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    device = device_for(dist_backend, rank)
+    sub = mesh_of(device, (world, 1, 1), ("a", "b", "c"))["b", "c"]
+    p = torch.nn.Parameter(distribute_tensor(torch.ones(4, device=device), sub,
+                                             [Shard(0), Replicate()]))
+    opt = fused("sgd", [p], optimizer_backends(device, with_triton=False)[0])
+    p.grad = distribute_tensor(torch.full((4,), 1.0 + rank, device=device), sub,
+                               [Shard(0), Replicate()])
+    opt.step()
+    return dist.get_process_group_ranks(opt.process_group), float(opt.last_grad_norm)
+
+
+def test_a_sub_mesh_gets_a_group_of_its_ranks(ranks):
+    dist_backend, pool = ranks
+    assert pool.run(check_group_of_a_sub_mesh, dist_backend) == [([0], 2.0), ([1], 4.0)]
