@@ -146,11 +146,14 @@ class FusedOptimizer(StateMixin, Optimizer):
         self.process_group = None if self._fo_norm is None else self._fo_norm.group
         self._fo_plans = {}
 
-    def _fo_norm_group_for(self, params):
+    def _fo_norm_group_for(self, group):
         """The norm group at a plan build (resolved again when DTensor params appeared in a
         group without ``add_param_group``)."""
-        if self._fo_norm is None and any(map(_distributed.is_dtensor, params)):
-            self._fo_resolve_norm_group()
+        if self._fo_norm is None:
+            if any(map(_distributed.is_dtensor, group["params"])):
+                self._fo_resolve_norm_group()
+            elif self.max_grad_norm is not None:
+                _distributed.warn_if_partitioned(self, group)
         return self._fo_norm
 
     def _check_hyper_params(self, group):  # per optimizer

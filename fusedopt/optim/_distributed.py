@@ -246,6 +246,27 @@ def resolve(params, process_group) -> NormGroup | None:
     return NormGroup(_mesh_group(mesh, union), owner, plain_own=False)
 
 
+def warn_if_partitioned(opt, group) -> None:
+    """Warn once when a wrapper that partitions the params over the ranks (ZeRO copies its
+    ``max_grad_norm`` default into the groups of the optimizer it builds) drives an
+    optimizer that clips without a process group: each rank would clip by its own part's
+    norm."""
+    if "max_grad_norm" not in group or opt.__dict__.get("_fo_warned_partition"):
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import warnings
+
+        opt._fo_warned_partition = True
+        warnings.warn(f"{type(opt).__name__}(max_grad_norm=...) is stepped by a wrapper that "
+                      f"partitions the params over the ranks (a 'max_grad_norm' param-group "
+                      f"key, as ZeroRedundancyOptimizer sets), without a process_group: each "
+                      f"rank clips by the norm of its own params only. Pass the group, e.g. "
+                      f"optimizer_class=functools.partial({type(opt).__name__}, "
+                      f"process_group=dist.group.WORLD)", stacklevel=4)
+
+
 def all_reduce_sum(buffer: torch.Tensor, group) -> None:
     """Sum ``buffer`` over ``group`` in place (a c10d functional collective: traceable, and
     never a host sync)."""

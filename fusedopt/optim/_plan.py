@@ -191,7 +191,7 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
     params = group["params"]
     split: dict[tuple, list] = {}
     needs_copy = {}
-    norm_group = opt._fo_norm_group_for(params)
+    norm_group = opt._fo_norm_group_for(group)
     for j, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue

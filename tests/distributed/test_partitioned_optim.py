@@ -6,6 +6,7 @@ one scale, with ``LossScaler(process_group=...)``, and on FSDP2 with LossScaler 
 ShardedGradScaler (both of its flows)."""
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -42,12 +43,16 @@ def check_zero_matches_torch(rank, world, dist_backend, kind):
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=local_class,
                                       max_grad_norm=MAX_NORM, **kwargs)
         norms = []
-        for step in range(STEPS):
-            x, y = batch(step, device)
-            loss_of(ddp, rows_of(x, rank, world), rows_of(y, rank, world)).backward()
-            opt.step()
-            opt.zero_grad()
-            norms.append(opt.optim.last_grad_norm.clone())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(STEPS):
+                x, y = batch(step, device)
+                loss_of(ddp, rows_of(x, rank, world), rows_of(y, rank, world)).backward()
+                opt.step()
+                opt.zero_grad()
+                norms.append(opt.optim.last_grad_norm.clone())
+        warned = [w for w in caught if "clips by the norm of its own params" in str(w.message)]
+        assert len(warned) == (group is None), [str(w.message) for w in caught]
         results[group is not None] = torch.stack(norms), list(model.parameters())
     norms, params = results[True]
     torch.testing.assert_close(norms, ref_norms, rtol=1e-5, atol=0)
