@@ -2,7 +2,9 @@
 resumed from ``torch.distributed.checkpoint`` into a fresh model and optimizer (through
 ``get_state_dict`` / ``set_state_dict``, whose first call steps the fresh optimizer on zero
 gradients) continues bit for bit like the uninterrupted run; so do a full (gathered) state
-dict and the optimizer's own ``state_dict()`` loaded into fresh optimizers."""
+dict, the optimizer's own ``state_dict()``, and ``get_optimizer_state_dict`` /
+``set_optimizer_state_dict`` (flattened; full, offloaded to the CPU and broadcast from rank 0)
+loaded into fresh optimizers."""
 
 import copy
 
@@ -21,7 +23,10 @@ def _run_state(model, opt):
 
 def check_resume_is_bit_exact(rank, world, dist_backend, kind, path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict,
+                                                         get_state_dict,
+                                                         set_optimizer_state_dict,
                                                          set_state_dict)
 
     device = device_for(dist_backend, rank)
@@ -45,6 +50,10 @@ def check_resume_is_bit_exact(rank, world, dist_backend, kind, path):
     full = StateDictOptions(full_state_dict=True)
     gathered = copy.deepcopy(dict(zip(("model", "optim"), get_state_dict(model, opt, options=full))))
     own = copy.deepcopy(opt.state_dict())
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    offload = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 keeps it
+    saved = {what: copy.deepcopy(get_optimizer_state_dict(model, opt, options=how))
+             for what, how in (("flattened", flat), ("full on rank 0", offload))}
     train(model, opt, rank, world, range(3, 6), device)
     want = _run_state(model, opt)
 
@@ -62,6 +71,13 @@ def check_resume_is_bit_exact(rank, world, dist_backend, kind, path):
     model.load_state_dict(runs["dcp"][0].state_dict())
     opt.load_state_dict(own)  # DTensor states of the same placements
     runs["optimizer.state_dict()"] = (model, opt)
+    broadcast = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                 broadcast_from_rank0=True)
+    for what, how in (("flattened", flat), ("full on rank 0", broadcast)):
+        model, opt = build()
+        model.load_state_dict(runs["dcp"][0].state_dict())
+        set_optimizer_state_dict(model, opt, saved[what], options=how)
+        runs[f"get/set_optimizer_state_dict, {what}"] = (model, opt)
     for what, (model, opt) in runs.items():
         train(model, opt, rank, world, range(3, 6), device)
         assert_same_bits(want, _run_state(model, opt), f"{kind} resumed from {what}")
@@ -80,4 +96,4 @@ def ranks(request):
 def test_resume_from_checkpoints_is_bit_exact(ranks, kind, tmp_path):
     dist_backend, pool = ranks
     done = pool.run(check_resume_is_bit_exact, dist_backend, kind, str(tmp_path / "ckpt"))
-    assert done[0] == done[1] and len(done[0]) == 3
+    assert done[0] == done[1] and len(done[0]) == 5
