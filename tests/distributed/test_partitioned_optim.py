@@ -2,8 +2,8 @@
 and hand-sharded plain params with ``process_group=`` clip by the norm over every rank's
 params, as ``clip_grad_norm_`` over the whole model (without it each rank clips by its own
 part's norm: checked to differ); an overflow on one rank only makes every rank skip and keep
-one scale, with ``LossScaler(process_group=...)``, and on FSDP2 with LossScaler or torch's
-ShardedGradScaler (both of its flows)."""
+one scale, with ``LossScaler(process_group=...)`` (stepping our optimizers or torch's), and
+on FSDP2 with LossScaler or torch's ShardedGradScaler (both of its flows)."""
 
 import functools
 import warnings
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from _harness import backend_skip_reason, device_for, rank_pool
-from optim_cases import (MAX_NORM, STEPS, assert_close_to, batch, fsdp2_model, fused, loss_of,
-                         make_model, mesh_of, optimizer_backends, reference_run, rows_of)
+from optim_cases import (MAX_NORM, OPTIMIZERS, STEPS, assert_close_to, batch, fsdp2_model, fused,
+                         loss_of, make_model, mesh_of, optimizer_backends, reference_run,
+                         rows_of)
 
 INF = float("inf")
 
@@ -115,6 +116,32 @@ def check_loss_scaler_overflow_on_one_rank(rank, world, dist_backend, kind, flow
     return out
 
 
+def check_loss_scaler_group_with_a_torch_optimizer(rank, world, dist_backend):
+    """As above with torch's AdamW on each rank's params: ``unscale_`` sums the flag over
+    the scaler's group, so rank 0 skips step 1 too (as the whole-model reference does)."""
+    import fusedopt as fo
+
+    device = device_for(dist_backend, rank)
+    ref, _ = reference_run("adamw", device, skip={1}, max_norm=None)
+    model = make_model(device)
+    params = list(model.parameters())
+    _, _, torch_class, kwargs = OPTIMIZERS["adamw"]
+    opt = torch_class(params[rank::world], foreach=False, **kwargs)
+    scaler = fo.amp.LossScaler(device.type, init_scale=2.0**10, growth_interval=2,
+                               process_group=_world_group())
+    for step in range(STEPS):
+        model.zero_grad()
+        scaler.scale(loss_of(model, *batch(step, device))).backward()
+        if step == 1 and rank == 1:
+            params[1].grad[0] = INF
+        scaler.step(opt)
+        scaler.update()
+        for i, p in enumerate(params):
+            torch.distributed.broadcast(p.data, src=i % world)
+    assert_close_to(params, ref, "LossScaler(process_group=) with torch.optim.AdamW")
+    return scaler.get_scale()
+
+
 def check_fsdp2_scalers_skip_together(rank, world, dist_backend, kind, scaler_kind, flow):
     """FSDP2: an inf in rank 1's shard of a gradient; every rank skips that step and keeps
     the same scale.  ``flow`` "step": the optimizer unscales and clips; "unscale_": the
@@ -170,6 +197,12 @@ def test_loss_scaler_group_makes_every_rank_skip(ranks, flow):
     out = pool.run(check_loss_scaler_overflow_on_one_rank, dist_backend, "adamw", flow)
     assert out[0][True] == out[1][True] and out[0][True][1] == 1  # one scale, one skip each
     assert out[0][False][1] == 0 and out[1][False][1] == 1  # without the group: rank 1 alone
+
+
+def test_loss_scaler_group_with_a_torch_optimizer(ranks):
+    dist_backend, pool = ranks
+    scales = pool.run(check_loss_scaler_group_with_a_torch_optimizer, dist_backend)
+    assert scales[0] == scales[1] == 2.0**10  # backed off once, grown once
 
 
 @pytest.mark.parametrize("scaler_kind,flow", [("LossScaler", "step"), ("LossScaler", "unscale_"),
