@@ -1,10 +1,11 @@
-"""Checkpoints of the fused optimizers on FSDP2 (DTensor params), on 2 spawned ranks: a run
-resumed from ``torch.distributed.checkpoint`` into a fresh model and optimizer (through
-``get_state_dict`` / ``set_state_dict``, whose first call steps the fresh optimizer on zero
-gradients) continues bit for bit like the uninterrupted run; so do a full (gathered) state
-dict, the optimizer's own ``state_dict()``, and ``get_optimizer_state_dict`` /
-``set_optimizer_state_dict`` (flattened; full, offloaded to the CPU and broadcast from rank 0)
-loaded into fresh optimizers."""
+"""Checkpoints of the fused optimizers on FSDP2 (DTensor params), on 2 spawned ranks and each
+backend that runs here (Triton only on GPUs: its interpreter is slow).  A run resumed from
+``torch.distributed.checkpoint`` into a fresh model and optimizer (through ``get_state_dict``
+/ ``set_state_dict``, whose first call steps the fresh optimizer on zero gradients) continues
+bit for bit like the uninterrupted run; so do a full (gathered) state dict, the optimizer's
+own ``state_dict()``, and ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``
+(flattened; full, offloaded to the CPU and broadcast from rank 0) loaded into fresh
+optimizers."""
 
 import copy
 
@@ -21,7 +22,7 @@ def _run_state(model, opt):
     return bits(list(model.parameters()) + states)
 
 
-def check_resume_is_bit_exact(rank, world, dist_backend, kind, path):
+def check_resume_is_bit_exact(rank, world, dist_backend, kind, backend, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_optimizer_state_dict,
@@ -31,7 +32,6 @@ def check_resume_is_bit_exact(rank, world, dist_backend, kind, path):
 
     device = device_for(dist_backend, rank)
     mesh = mesh_of(device, (world,))
-    backend = optimizer_backends(device, with_triton=False)[0]
 
     def build():
         model = fsdp2_model(device, mesh)
@@ -95,5 +95,7 @@ def ranks(request):
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_resume_from_checkpoints_is_bit_exact(ranks, kind, tmp_path):
     dist_backend, pool = ranks
-    done = pool.run(check_resume_is_bit_exact, dist_backend, kind, str(tmp_path / "ckpt"))
-    assert done[0] == done[1] and len(done[0]) == 5
+    for backend in optimizer_backends(device_for(dist_backend, 0), with_triton=False):
+        done = pool.run(check_resume_is_bit_exact, dist_backend, kind, backend,
+                        str(tmp_path / f"ckpt-{backend}"))
+        assert done[0] == done[1] and len(done[0]) == 5, backend
