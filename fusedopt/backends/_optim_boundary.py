@@ -11,8 +11,9 @@ changes nothing.
 
 Full verification, for one bucket (see docs/architecture.md, "The kernel boundary"):
 - every tensor's type is exactly ``torch.Tensor`` or ``torch.nn.Parameter`` (`local_tensor`:
-  the one place where a subclass -- DTensor, FakeTensor, any ``__torch_dispatch__`` or
-  ``__torch_function__`` subclass -- is refused; distributed support will unwrap here);
+  the one place that decides which tensor a kernel may address -- a DTensor's local shard,
+  which the optimizers unwrap before they build the lists; every other subclass, FakeTensor
+  or any ``__torch_dispatch__`` / ``__torch_function__`` one, is refused);
 - strided layout, no lazy negation/conjugation, on the bucket's device (of a type the
   backend runs on), with a data pointer and a storage that covers its elements;
 - params dense, fp32/bf16/fp16; grads of the params' dtype; states and masters fp32;
@@ -35,6 +36,7 @@ the launcher's call then finds a token for exactly these list objects and skips 
 from __future__ import annotations
 
 import operator
+import sys
 
 import torch
 
@@ -56,17 +58,35 @@ _is = operator.is_
 def local_tensor(t, what: str) -> torch.Tensor:
     """The tensor whose memory a kernel may address, for the value ``what`` names.
 
-    Today that is ``t`` itself when its type is exactly ``torch.Tensor`` or
-    ``torch.nn.Parameter``; every other object, tensor subclasses included, is refused with
-    a TypeError (a subclass's ``data_ptr()`` need not be its data: DTensor's is 0)."""
+    That is ``t`` itself when its type is exactly ``torch.Tensor`` or ``torch.nn.Parameter``,
+    and the local shard of a DTensor (itself such a tensor); every other object, other
+    tensor subclasses included, is refused with a TypeError (a subclass's ``data_ptr()``
+    need not be its data: DTensor's is 0)."""
     if type(t) in PLAIN_TYPES:
         return t
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and type(t) is getattr(dtensor, "DTensor", None):
+        shard = t._local_tensor
+        if type(shard) in PLAIN_TYPES:
+            return shard
+        t, what = shard, f"the local tensor of {what}"
     if isinstance(t, torch.Tensor):
         raise TypeError(
             f"{what} is a {type(t).__name__}; fusedopt optimizers take plain torch.Tensor / "
-            f"nn.Parameter tensors only (tensor subclasses such as DTensor or FakeTensor are "
-            f"not supported)")
+            f"nn.Parameter tensors and DTensors of them only (other tensor subclasses such as "
+            f"FakeTensor are not supported)")
     raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+
+
+def _addressed(t, what: str) -> torch.Tensor:
+    """``t`` when a kernel may address it as it is: a DTensor in a backend's lists is refused
+    (the optimizers hand the backends local shards; a direct call must do the same)."""
+    shard = local_tensor(t, what)
+    if shard is not t:
+        raise TypeError(f"{what} is a DTensor; the kernels take local tensors (the fused "
+                        f"optimizers unwrap DTensor params; a direct backend call must pass "
+                        f"DTensor.to_local())")
+    return t
 
 
 def same_layout(t: torch.Tensor, p: torch.Tensor) -> bool:
@@ -112,7 +132,7 @@ def _name(describe, lst: str, i: int) -> str:
 def _check(t, what: str, device: torch.device, dtypes) -> torch.Tensor:
     """A plain strided tensor on ``device`` with a dtype of ``dtypes``, whose storage holds
     all its elements."""
-    t = local_tensor(t, what)
+    t = _addressed(t, what)
     if t.layout != torch.strided:
         raise TypeError(f"{what} has layout {t.layout}; the kernels take strided (dense) tensors")
     if t.device != device:
@@ -216,7 +236,7 @@ def _verify_full(params, grads, vectors, scalars, device_types, describe, wide) 
             raise ValueError(f"{name} has {len(lst)} tensors, expected {n} (one per param)")
     if n == 0:
         return Verified(params, grads, [lst for _, lst in vectors], [lst for _, lst in scalars])
-    p0 = local_tensor(params[0], _name(describe, "params", 0))
+    p0 = _addressed(params[0], _name(describe, "params", 0))
     device, dtype = p0.device, p0.dtype
     if device_types is not None and device.type not in device_types:
         raise ValueError(f"{_name(describe, 'params', 0)} is on {device}; this backend runs on "
@@ -335,7 +355,7 @@ def verify_norm(cache: dict, tensors, *, device_types=None) -> tuple[tuple, list
             return record.numels, ptrs
     if not tensors:
         raise ValueError("multi_tensor_norm needs at least one tensor")
-    t0 = local_tensor(tensors[0], "tensors[0]")
+    t0 = _addressed(tensors[0], "tensors[0]")
     if device_types is not None and t0.device.type not in device_types:
         raise ValueError(f"tensors[0] is on {t0.device}; this backend runs on "
                          f"{' or '.join(device_types)} tensors")
@@ -357,7 +377,7 @@ def scalar(value, what: str, device: torch.device):
     None (returned as is), or a one-element fp32 tensor on ``device`` (returned as is)."""
     if value is None or not isinstance(value, torch.Tensor):
         return value if value is None else float(value)
-    local_tensor(value, what)
+    _addressed(value, what)
     if value.layout != torch.strided or value.device != device or value.dtype != _F32 \
             or value.numel() != 1 or value.data_ptr() == 0:
         raise ValueError(f"{what} must be a one-element float32 tensor on {device}, got "

@@ -14,6 +14,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.optim import _distributed
 
 # the param dtypes the optimizers train: the kernels' (fp32 states), and the wide ones that
 # torch's optimizers train too, stepped by the `torch` backend with states of their dtype
@@ -117,14 +118,17 @@ def nesterov(nesterov_flag, momentum, dampening):
 
 
 def param(p):
-    """A param at construction: a plain tensor (no subclass) of a kernel dtype, dense."""
-    boundary.local_tensor(p, f"a param of shape {tuple(p.shape)}")
+    """A param at construction: a plain tensor or a DTensor of one (no other subclass), of a
+    kernel dtype, dense (a DTensor's local shard), not Partial."""
+    shard = boundary.local_tensor(p, f"a param of shape {tuple(p.shape)}")
+    if shard is not p:
+        _distributed.check_param_placements(p, f"a param of shape {tuple(p.shape)}")
     if p.dtype not in PARAM_DTYPES:
         raise TypeError(f"params must be {_DTYPE_NAMES}; got a param of shape "
                         f"{tuple(p.shape)} with dtype {p.dtype}")
-    if not boundary.is_dense(p):
+    if not boundary.is_dense(shard):
         raise ValueError(f"params must be dense (no gaps or overlaps in memory); got a param "
-                         f"of shape {tuple(p.shape)} with strides {p.stride()}")
+                         f"of shape {tuple(p.shape)} with strides {shard.stride()}")
 
 
 def step_param(p, where):
@@ -133,20 +137,28 @@ def step_param(p, where):
         raise TypeError(f"{where} is on the meta device: it has no data to step")
     if p.dtype not in PARAM_DTYPES:
         raise TypeError(f"{where} has dtype {p.dtype}; params must be {_DTYPE_NAMES}")
-    if not boundary.is_dense(p):
-        raise ValueError(f"{where} is not dense (shape {tuple(p.shape)}, strides {p.stride()})")
+    shard = boundary.local_tensor(p, where)
+    if shard is not p:
+        _distributed.check_param_placements(p, where)
+    if not boundary.is_dense(shard):
+        raise ValueError(f"{where} is not dense (shape {tuple(shard.shape)}, strides "
+                         f"{shard.stride()})")
 
 
 def grad(g, p, where, optimizer, sparse_ok=False, traced=False) -> bool:
-    """The gradient of param ``p`` at a step; True when the step uses a dense copy in the
-    param's layout: its strides differ from the param's, or (``sparse_ok``, SGD) it is a
-    sparse COO tensor.  ``traced``: at the trace of a compiled step, where a lazily negated
-    view cannot be asked about (the traced step resolves it)."""
+    """The gradient of param ``p`` at a step; True when the step uses a copy of it in the
+    param's layout: its strides differ from the param's, (``sparse_ok``, SGD) it is a
+    sparse COO tensor, or, for a DTensor, its placements differ.  ``traced``: at the trace
+    of a compiled step, where a lazily negated view cannot be asked about (the traced step
+    resolves it)."""
     if g.layout != torch.strided and not (sparse_ok and g.layout == torch.sparse_coo):
         supported = " (only sparse COO gradients are)" if sparse_ok else ""
         raise TypeError(f"{optimizer} does not support {g.layout} gradients{supported} "
                         f"({where}, of shape {tuple(p.shape)})")
-    boundary.local_tensor(g, f"the gradient of {where}")
+    dtensor_param = _distributed.is_dtensor(p)
+    if not dtensor_param and _distributed.is_dtensor(g):
+        raise TypeError(f"the gradient of {where} is a DTensor, but the param is a plain tensor")
+    shard = boundary.local_tensor(g, f"the gradient of {where}")
     if g.dtype != p.dtype:
         raise TypeError(f"the gradient of {where} has dtype {g.dtype}, expected {p.dtype} (the "
                         f"param's dtype)")
@@ -158,8 +170,10 @@ def grad(g, p, where, optimizer, sparse_ok=False, traced=False) -> bool:
                          f"{tuple(p.shape)} (the param's shape)")
     if g.layout == torch.sparse_coo:
         return True
-    if not traced and (g.is_neg() or g.is_conj()):
+    if not traced and (shard.is_neg() or shard.is_conj()):
         raise ValueError(f"the gradient of {where} is a lazily negated view")
+    if dtensor_param:
+        return _distributed.check_grad(g, p, where)
     return not boundary.same_layout(g, p)
 
 
@@ -192,23 +206,29 @@ def state_tensor(value, key, p, where, traced=False):
     what = f"optimizer.state[{where}][{key!r}]"
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
-    boundary.local_tensor(value, what)
-    if value.layout != torch.strided:
-        raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
+    if _distributed.is_dtensor(p):
+        shard, p = _distributed.check_state(value, what, p), p._local_tensor
+    elif _distributed.is_dtensor(value):
+        raise TypeError(f"{what} is a DTensor, but its param is a plain tensor")
+    else:
+        shard = value
+    boundary.local_tensor(shard, what)
+    if shard.layout != torch.strided:
+        raise TypeError(f"{what} has layout {shard.layout}, expected a strided tensor")
     expected = boundary.state_dtype(p.dtype)
-    if value.dtype != expected:
-        raise TypeError(f"{what} has dtype {value.dtype}, expected {expected} (the fused "
+    if shard.dtype != expected:
+        raise TypeError(f"{what} has dtype {shard.dtype}, expected {expected} (the fused "
                         f"optimizers keep {expected} states for {p.dtype} params)")
-    if value.device != p.device:
-        raise ValueError(f"{what} is on {value.device}, expected {p.device} (the param's device)")
-    if value.shape != p.shape:
-        raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
+    if shard.device != p.device:
+        raise ValueError(f"{what} is on {shard.device}, expected {p.device} (the param's device)")
+    if shard.shape != p.shape:
+        raise ValueError(f"{what} has shape {tuple(shard.shape)}, expected {tuple(p.shape)} "
                          f"(the param's shape)")
-    if not boundary.same_layout(value, p):
-        raise ValueError(f"{what} has strides {value.stride()}, expected the param's "
+    if not boundary.same_layout(shard, p):
+        raise ValueError(f"{what} has strides {shard.stride()}, expected the param's "
                          f"{p.stride()} (create it with torch.zeros_like(param, "
                          f"dtype={expected}))")
-    if not traced and (value.is_neg() or value.is_conj()):
+    if not traced and (shard.is_neg() or shard.is_conj()):
         raise ValueError(f"{what} is a lazily negated view")
     return value
 
@@ -219,6 +239,15 @@ def step_count(value, p, what):
     Returns ``(tensor, converted)``; a Python number or a one-element real tensor of any
     shape, dtype or device is converted (without a host sync)."""
     if isinstance(value, torch.Tensor):
+        if _distributed.is_dtensor(value):  # a replicated count: its local value
+            if any(placement.is_partial() for placement in value.placements):
+                raise ValueError(f"{what} is a DTensor with a Partial placement")
+            shard = boundary.local_tensor(value, what)
+            if shard.numel() != 1:
+                raise ValueError(f"{what} must hold one number, got a DTensor of shape "
+                                 f"{tuple(value.shape)}")
+            value = shard.detach().reshape(()).to(p.device, torch.float32, copy=True)
+            return value, True
         boundary.local_tensor(value, what)
         if value.numel() != 1 or value.layout != torch.strided:
             raise ValueError(f"{what} must hold one number, got a tensor of shape "

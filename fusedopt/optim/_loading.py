@@ -11,7 +11,9 @@ checkpoint's groups) and the key:
   dtype that casts to the param's state dtype (float32; a float64 / complex param's own
   dtype), of the param's shape (ValueError otherwise); it is copied into a new tensor of
   the state dtype with the param's device and layout (a sparse COO one, which torch's SGD
-  keeps for sparse gradients, made dense);
+  keeps for sparse gradients, made dense; for a DTensor param: a DTensor with its
+  placements, holding this rank's part of the value -- a plain tensor is taken as the full
+  value, a DTensor on another placement is redistributed);
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
@@ -30,7 +32,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks
+from fusedopt.optim import _checks, _distributed
 
 
 
@@ -94,15 +96,20 @@ def _entry(opt, p, index, entry) -> dict:
 def _tensor(value, p, what) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
-    boundary.local_tensor(value, what)
-    if value.layout not in (torch.strided, torch.sparse_coo):
-        raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
+    dtensor_param = _distributed.is_dtensor(p)
+    if _distributed.is_dtensor(value) and not dtensor_param:
+        raise TypeError(f"{what} is a DTensor, but its param is a plain tensor")
+    shard = boundary.local_tensor(value, what)
+    if shard.layout not in (torch.strided, torch.sparse_coo):
+        raise TypeError(f"{what} has layout {shard.layout}, expected a strided tensor")
     target = boundary.state_dtype(p.dtype)
-    if value.is_quantized or (value.is_complex() and not target.is_complex) \
-            or not torch.can_cast(value.dtype, target):
-        raise TypeError(f"{what} has dtype {value.dtype}, which does not cast to {target}")
-    if value.device.type == "meta":
+    if shard.is_quantized or (shard.is_complex() and not target.is_complex) \
+            or not torch.can_cast(shard.dtype, target):
+        raise TypeError(f"{what} has dtype {shard.dtype}, which does not cast to {target}")
+    if shard.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor: it has no data to load")
+    if dtensor_param:  # this rank's shard of the value, in a DTensor like the param
+        return _distributed.like_param(p, _distributed.shard_of(value, p, what))
     if value.shape != p.shape:
         raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
                          f"(the param's shape)")

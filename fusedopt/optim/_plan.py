@@ -14,6 +14,11 @@ checked with messages that name it (``_checks``), missing state is prepared (zer
 master copy, a step counter) but kept aside, and the boundary verifies the new lists in
 full.  Only when every bucket of every group passed is anything written (`Pending.commit`):
 a refused step leaves ``optimizer.state`` untouched.
+
+DTensor params (``_distributed``): a bucket's ``keys`` are the params as the user holds them
+(the keys of ``optimizer.state``), its ``params`` and ``lists`` the local tensors the
+kernels step; the state lists as ``optimizer.state`` holds them (DTensors) are compared
+with it, and the local tensors are taken from them again at every step.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from itertools import repeat
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks, _traced
+from fusedopt.optim import _checks, _distributed, _traced
 
 _F32 = torch.float32
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # the param dtypes that may have fp32 masters
@@ -43,16 +48,22 @@ class Bucket:
 
     ``lists`` maps a list name of the backend entry point (``exp_avgs``, ``steps``, ...) to
     a list of tensors, or None when the layout has no such list; ``state_lists`` are the
-    (state key, list) pairs read back from ``optimizer.state`` at every step."""
+    (state key, list) pairs read back from ``optimizer.state`` at every step.  ``keys`` are
+    the params as ``optimizer.state`` knows them, ``params`` what the kernels step (the same
+    list unless some are DTensors: then their local tensors, and ``dist`` says how the
+    gradients become local ones); ``counted``: whether the bucket's gradients add to the
+    norm on this rank (``_distributed.NormGroup.counted``)."""
 
-    __slots__ = ("gi", "group", "index", "positions", "params", "device", "dtype", "backend",
-                 "lists", "state_lists", "copy_idx", "grads", "cache", "verified", "entries",
-                 "version", "wide", "math_dtype", "sparse_ok")
+    __slots__ = ("gi", "group", "index", "positions", "keys", "params", "device", "dtype",
+                 "backend", "lists", "state_lists", "copy_idx", "grads", "cache", "verified",
+                 "entries", "version", "dist", "counted", "wide", "math_dtype", "sparse_ok")
 
-    def __init__(self, gi, group, positions, params, device, dtype, backend, cache):
+    def __init__(self, gi, group, positions, keys, device, dtype, backend, cache, counted=True):
         self.gi, self.group, self.positions = gi, group, positions
         self.index = None if positions == list(range(len(group["params"]))) else positions
-        self.params, self.device, self.dtype = params, device, dtype
+        self.keys, self.device, self.dtype, self.counted = keys, device, dtype, counted
+        self.params = keys
+        self.dist = None
         self.wide = dtype in boundary.WIDE_DTYPES  # stepped by the `torch` backend
         self.math_dtype = boundary.math_dtype(dtype)
         self.sparse_ok = False
@@ -139,15 +150,23 @@ def _refresh(opt, b: Bucket, grads) -> bool:
     """The bucket still holds: same state tensors, and the boundary's fingerprint matches."""
     try:
         g = grads if b.index is None else list(map(grads.__getitem__, b.index))
+        if b.dist is not None:
+            if not all(map(_is, _distributed.localize(b.keys), b.params)):
+                return False
+            g = b.dist.local_grads(b.keys, g, check=True)
+            if g is None:
+                return False
         if b.copy_idx:
             g = _copies(b, g)
         if b.version != opt._fo_version:
-            b.entries = list(map(opt._fo_state.get, b.params))
+            b.entries = list(map(opt._fo_state.get, b.keys))
             b.version = opt._fo_version
         entries = b.entries
         for key, lst in b.state_lists:
             if not all(map(_is, map(_entry_get, entries, repeat(key)), lst)):
                 return False
+        if b.dist is not None:  # the local tensors of the states, taken again
+            b.lists = {name: _distributed.localize(lst) for name, lst in b.dist.states.items()}
         vectors, scalars = opt._boundary_lists(b)
         b.verified = boundary.verify_update(b.cache, b.params, g, vectors, scalars,
                                             vouch=True, fingerprint_only=True, wide=b.wide)
@@ -182,26 +201,36 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
     params = group["params"]
     split: dict[tuple, list] = {}
     needs_copy = {}
+    norm_group = opt._fo_norm_group_for(group)
     for j, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             continue
         where = f"param {j} of param group {gi}"
         _checks.step_param(p, where)
         needs_copy[j] = _checks.grad(g, p, where, name, opt._SPARSE_GRADS)
-        if (p.device, p.dtype) not in split:
+        counted = True if norm_group is None else norm_group.counted(p)
+        if (p.device, p.dtype) not in opt._fo_backends:
             opt._backend_for(p.device, p.dtype, where)
-        split.setdefault((p.device, p.dtype), []).append(j)
+        split.setdefault((p.device, p.dtype, counted), []).append(j)
     buckets = []
     old = opt._fo_plans.get(gi)
-    old_caches = {(b.device, b.dtype): b.cache for b in old.buckets} if old is not None else {}
-    for (device, dtype), positions in split.items():
-        b = Bucket(gi, group, positions, [params[j] for j in positions], device, dtype,
-                   opt._backend_for(device, dtype), old_caches.get((device, dtype), {}))
+    old_caches = {(b.device, b.dtype, b.counted): b.cache for b in old.buckets} \
+        if old is not None else {}
+    for (device, dtype, counted), positions in split.items():
+        keys = [params[j] for j in positions]
+        b = Bucket(gi, group, positions, keys, device, dtype, opt._backend_for(device, dtype),
+                   old_caches.get((device, dtype, counted), {}), counted)
         b.sparse_ok = opt._SPARSE_GRADS
         b.copy_idx = [k for k, j in enumerate(positions) if needs_copy[j]]
         opt._state_lists(b, pending)
-        b.grads = _copies(b, [grads[j] for j in positions]) if b.copy_idx else \
-            [grads[j] for j in positions]
+        bucket_grads = [grads[j] for j in positions]
+        if any(map(_distributed.is_dtensor, keys)):
+            b.params = _distributed.localize(keys)
+            b.dist = _distributed.BucketGrads(keys, bucket_grads)
+            b.dist.states = b.lists
+            b.lists = {name: _distributed.localize(lst) for name, lst in b.lists.items()}
+            bucket_grads = b.dist.local_grads(keys, bucket_grads, check=False)
+        b.grads = _copies(b, bucket_grads) if b.copy_idx else bucket_grads
         vectors, scalars = opt._boundary_lists(b)
         b.verified = boundary.verify_update(b.cache, b.params, b.grads, vectors, scalars,
                                             describe=b.describe, vouch=True, wide=b.wide)
@@ -211,7 +240,7 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
 
 def entry_of(opt, b: Bucket, i: int) -> dict:
     """``optimizer.state[p]`` of the bucket's param i (empty when there is none)."""
-    entry = opt._fo_state.get(b.params[i])
+    entry = opt._fo_state.get(b.keys[i])
     if entry is None:
         return {}
     if not isinstance(entry, dict):
@@ -234,7 +263,7 @@ def vector_state(opt, b: Bucket, key: str, pending: Pending, make) -> list:
     """The list of ``optimizer.state[p][key]`` over the bucket, checked; a missing one is
     ``make(p)``, written at commit."""
     out = []
-    for i, p in enumerate(b.params):
+    for i, p in enumerate(b.keys):
         entry = entry_of(opt, b, i)
         value = _checks.state_tensor(entry.get(key), key, p, b.where(i))
         if value is None:
@@ -248,7 +277,7 @@ def step_state(opt, b: Bucket, pending: Pending) -> list:
     """The 0-dim fp32 step counters of the bucket (0 for a missing one; a number or another
     one-element tensor is converted and written back at commit)."""
     out = []
-    for i, p in enumerate(b.params):
+    for i, p in enumerate(b.keys):
         value = entry_of(opt, b, i).get("step")
         if value is None:
             value, converted = torch.zeros((), dtype=_F32, device=p.device), True

@@ -23,7 +23,10 @@ import torch
 
 from fusedopt.optim import _loading, _ops
 
-_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches", "_fo_store_id", "_fo_store")
+# caches, and the process group (which does not pickle): an unpickled optimizer takes its
+# DTensor params' mesh again, or none
+_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches", "_fo_store_id", "_fo_store",
+              "_fo_norm", "_fo_group_arg", "process_group")
 
 
 class StateView(MutableMapping):
@@ -148,5 +151,6 @@ class StateMixin:
             group.update(self._FORCED)
         self._fo_backends = {}
         self._fo_store_id, self._fo_store = _ops.new_store()
+        self._fo_norm = self._fo_group_arg = self.process_group = None
         self._fo_reset(internal)
         self._fo_hidden, self._fo_sgd_flags = set(hidden), dict(flags)

@@ -32,7 +32,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks, _ops  # noqa: F401  (_ops registers torch.ops.fusedopt.*)
+from fusedopt.optim import _checks, _distributed, _ops  # noqa: F401  (_ops registers torch.ops.fusedopt.*)
 from fusedopt.optim._scalars import on_device
 
 _F32 = torch.float32
@@ -50,22 +50,36 @@ class TracedBucket:
         self.token = None  # verify_step's result on the bucket's device
 
 
-def step(opt, loss_scale, amp_scale, amp_found_inf):
+def step(opt, scaler, amp_scale, amp_found_inf):
     """The traced counterpart of the eager ``prepare`` + ``_fo_step_buckets``."""
+    loss_scale, flag_group, unscaled_found = scaler if scaler is not None else (None,) * 3
+    if opt.process_group is not None or flag_group is not None:
+        raise RuntimeError(_DISTRIBUTED)
     buckets = _buckets(opt)
     for b in buckets:
         opt._traced_lists(b)
     hypers = [opt._traced_hyper(b) for b in buckets]
     if buckets:
-        home = loss_scale.device if loss_scale is not None else buckets[0].device
+        home = (loss_scale.device if loss_scale is not None
+                else unscaled_found.device if unscaled_found is not None
+                else buckets[0].device)
         token = _verify(opt, buckets, home)
         for b in buckets:
             b.token = on_device(token, b.device)
-        if amp_found_inf is not None:  # the skip count is written after the checks too
+        # the skip count is written after the checks too
+        if unscaled_found is not None:
+            scaler = (loss_scale, flag_group, on_device(unscaled_found, home) + token)
+        elif amp_found_inf is not None:
             amp_found_inf = on_device(amp_found_inf, home) + token
-    opt._fo_step_buckets(buckets, hypers, loss_scale, amp_scale, amp_found_inf,
+    opt._fo_step_buckets(buckets, hypers, scaler, amp_scale, amp_found_inf,
                          lambda bs, inv_scale, home: global_norm(opt, bs, inv_scale, home),
                          opt._traced_run)
+
+
+_DISTRIBUTED = ("torch.compile of a fused optimizer's step on torch.distributed (DTensor "
+                "params, a process_group, or a LossScaler with a process_group) is not "
+                "supported: the norm's all-reduce is not traced. Run the step eagerly "
+                "(e.g. under torch.compiler.disable)")
 
 
 def _verify(opt, buckets, home):
@@ -92,6 +106,8 @@ def _buckets(opt) -> list[TracedBucket]:
             g = p.grad
             if g is None:
                 continue
+            if _distributed.is_dtensor(p):
+                raise RuntimeError(_DISTRIBUTED)
             where = f"param {j} of param group {gi}"
             _checks.step_param(p, where)
             if _checks.grad(g, p, where, name, opt._SPARSE_GRADS, traced=True):
@@ -128,13 +144,13 @@ def global_norm(opt, buckets, inv_scale, home):
 
 
 def combine_norms(parts):
-    """(Σ g², any inf/NaN) of the per-(device, dtype) parts, in fp64 if one part is."""
+    """[Σ g², any inf/NaN] of the per-(device, dtype) parts, in fp64 if one part is."""
     if any(res.dtype == torch.float64 for res in parts):
         parts = [res.to(torch.float64) for res in parts]
     total = parts[0]
     for res in parts[1:]:
         total = torch.stack([total[0] + res[0], torch.maximum(total[1], res[1])])
-    return total[0], total[1]
+    return total
 
 
 # ------------------------------------------------------------------ state, as traced

@@ -31,7 +31,7 @@ class FusedAdam(FusedOptimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  max_grad_norm=None, track_grad_norm=False, skip_nonfinite=False,
-                 master_weights=False, backend=None):
+                 master_weights=False, backend=None, process_group=None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable,
@@ -39,7 +39,8 @@ class FusedAdam(FusedOptimizer):
         self._check_hyper_params(defaults)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, backend=backend,
+                         process_group=process_group)
 
     def _check_hyper_params(self, group):
         _checks.lr(group["lr"])
@@ -146,10 +147,11 @@ class FusedAdamW(FusedAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, backend=None):
+                 skip_nonfinite=False, master_weights=False, backend=None, process_group=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, backend=backend,
+                         process_group=process_group)

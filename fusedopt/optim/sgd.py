@@ -34,7 +34,7 @@ class FusedSGD(FusedOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, capturable=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, backend=None):
+                 skip_nonfinite=False, master_weights=False, backend=None, process_group=None):
         _checks.flag("capturable", capturable)  # torch's SGD has none; accepted, no effect
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
@@ -42,7 +42,8 @@ class FusedSGD(FusedOptimizer):
         self._check_hyper_params(defaults)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, backend=backend,
+                         process_group=process_group)
 
     def _check_hyper_params(self, group):
         _checks.lr(group["lr"])
@@ -72,11 +73,11 @@ class FusedSGD(FusedOptimizer):
         buffers = None
         if b.group["momentum"] != 0:
             buffers = vector_state(self, b, "momentum_buffer", pending, state_zeros)
-        flags = [torch.zeros((), dtype=_F32, device=p.device) for p in b.params]
+        flags = [torch.zeros((), dtype=_F32, device=p.device) for p in b.keys]
         tracked = buffers if buffers is not None else masters
         if tracked is not None:
             created = {id(value) for p, key, value in pending.writes}
-            for i, (p, value) in enumerate(zip(b.params, tracked)):
+            for i, (p, value) in enumerate(zip(b.keys, tracked)):
                 record = self._fo_sgd_flags.get(p)
                 if record is not None and record[0] is value:
                     flags[i] = record[1]

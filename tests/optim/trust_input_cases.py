@@ -113,21 +113,14 @@ def compiled_step_with_freed_storage(b):
 
 
 def _subclass_params():
-    """A wrapper subclass, a FakeTensor and (where torch.distributed runs) a DTensor param."""
+    """A wrapper subclass and a FakeTensor param (DTensor params are stepped:
+    trust_dtensor_cases.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.two_tensor import TwoTensor
 
     out = [("TwoTensor", torch.nn.Parameter(TwoTensor(torch.zeros(3), torch.zeros(3))))]
     with FakeTensorMode():
         out.append(("FakeTensor", torch.nn.Parameter(torch.zeros(3))))
-    import torch.distributed as dist
-    if dist.is_available():
-        from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        mesh = init_device_mesh("cpu", (1,))
-        out.append(("DTensor", torch.nn.Parameter(distribute_tensor(torch.zeros(4), mesh,
-                                                                    [Replicate()]))))
     return out
 
 
