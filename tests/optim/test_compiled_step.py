@@ -264,6 +264,19 @@ def test_bad_state_fails_the_compilation_with_the_eager_message_and_changes_noth
     assert_bit_identical(before, snapshot(opt, ps))
 
 
+def test_an_optimizer_on_torch_distributed_is_refused_at_trace_time():
+    """The norm's all-reduce is not traced: a process group (here a stand-in, as set by
+    ``process_group=``) fails the compilation, before anything ran."""
+    ps = make_params(SHAPES)
+    opt = fo.optim.FusedAdamW(ps, max_grad_norm=1.0, backend="torch")
+    set_grads(ps, make_grads(SHAPES, steps=1)[0])
+    opt.process_group = object()
+    before = snapshot(opt, ps)
+    with pytest.raises(Exception, match="on torch.distributed .* is not supported"):
+        torch.compile(opt.step, backend="eager", fullgraph=True)()
+    assert_bit_identical(before, snapshot(opt, ps))
+
+
 @pytest.mark.parametrize("backend_name", ["cpu", "torch"])
 def test_custom_ops_pass_opcheck(backend_name):
     """Schemas (mutated lists declared), fake implementations and AOT dispatch of the ops."""
