@@ -1,0 +1,230 @@
+"""Fused linear cross-entropy: ``cross_entropy(input @ W^T + b, target)`` without the N x V
+logits, as an autograd Function over the custom op ``fusedopt::linear_cross_entropy_fwd``.
+
+The rows of ``x`` (N, H) are processed in chunks of ``R`` rows.  Per chunk c, with one
+(R, V) logits buffer reused by every chunk:
+
+    1. logits  = x_c @ W^T (+ b)                 platform GEMM (torch.mm / addmm)
+    2. the backend's fused loss kernel (``cross_entropy_fwd``, inplace=True) writes the
+       chunk's row losses and OVERWRITES the logits with d row_loss / d logits
+    3. dX_c    = dlogits @ W                     GEMM, rows of the returned dX
+    4. dW     += dlogits^T @ x_c                 GEMM into an fp32 accumulator
+    5. db     += column sums of dlogits          (fp32)
+
+The scales of the reduction ('mean': 1 / Σ w_{y_i} over non-ignored rows) are computed on
+the device before the loop, so every chunk's gradient already carries them and nothing
+synchronises.  The gradients are complete when forward returns; backward only multiplies
+them by the scalar grad_output, in place.
+
+reduction='none' has one grad_output per row, known only in backward, and dW, db need it
+inside the sum over rows.  Keeping d logits for that would be the N x V buffer this op
+exists to avoid, so forward computes only the row losses (the kernel writes no gradient)
+and saves the inputs; backward runs the chunk loop again with each chunk's d logits
+multiplied by its rows' grad_output (one extra logits GEMM, no N x V buffer).
+
+Extra memory: the (R, V) logits buffer, the returned gradients (N x H, V x H, V) and for
+bf16/fp16 weights an fp32 V x H accumulator (on CPU also an fp32 copy of the chunk's
+gradient for the fp32 dW GEMM, which the CPU cannot form from bf16/fp16 operands
+directly).  Work: 3 GEMMs of 2·N·V·H flops (4 for 'none' with gradients); the loss
+kernel reads each chunk's logits at most twice and writes them once, while the chunk is
+still in cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusedopt.ops import _common
+
+_F32 = torch.float32
+
+# Rows per chunk: the chunk's logits hold about as many elements as the input x (N x H)
+# divided by CHUNK_SHRINK, rounded to a power of two and kept within
+# [MIN_CHUNK_ROWS, N].  Measured on CPU (docs/linear_cross_entropy.md).
+CHUNK_SHRINK = 2
+MIN_CHUNK_ROWS = 16
+
+
+def default_chunk_rows(n_rows: int, n_classes: int, hidden: int) -> int:
+    """Rows per chunk for an (n_rows, hidden) input and n_classes classes."""
+    if n_rows <= 0:
+        return 1
+    per_row = -(-n_classes // max(hidden, 1))            # logits per input element
+    rows = max(-(-n_rows // (per_row * CHUNK_SHRINK)), 1)
+    rows = 1 << (rows - 1).bit_length()                   # next power of two
+    return max(min(rows, n_rows), min(MIN_CHUNK_ROWS, n_rows))
+
+
+def _add_weight_grad(acc: Tensor, dlogits: Tensor, x_chunk: Tensor) -> None:
+    """acc (V, H) fp32 += dlogits^T @ x_chunk, accumulated in fp32 for every input dtype."""
+    if dlogits.dtype == _F32:
+        acc.addmm_(dlogits.t(), x_chunk)
+    elif dlogits.device.type == "cuda":   # cuBLAS: bf16/fp16 operands, fp32 output
+        torch.addmm(acc, dlogits.t(), x_chunk, out_dtype=_F32, out=acc)
+    else:                                 # no mixed-precision GEMM on this device
+        acc.addmm_(dlogits.t().to(_F32), x_chunk.to(_F32))
+
+
+def chunked_pass(impl, x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
+                 class_weight: Optional[Tensor], scales: Tensor, row_scale: Optional[Tensor],
+                 *, ignore_index: int, label_smoothing: float, z_loss: float,
+                 softcap: Optional[float], chunk_rows: int, need_input_grad: bool,
+                 need_weight_grad: bool, need_bias_grad: bool):
+    """The chunk loop (module docstring) over the backend module `impl`.
+
+    Returns (row_loss fp32 (N,), grad_input (N, H) or None, grad_weight (V, H) or None,
+    grad_bias (V,) or None); gradients in the dtypes of their tensors.  `row_scale` (N,)
+    multiplies each row's gradient (the grad_output of reduction='none')."""
+    n_rows, hidden = x.shape
+    n_classes = w.shape[0]
+    need_grad = need_input_grad or need_weight_grad or need_bias_grad
+    row_loss = x.new_empty(n_rows, dtype=_F32)
+    grad_input = x.new_empty((n_rows, hidden)) if need_input_grad else None
+    weight_acc = w.new_zeros((n_classes, hidden), dtype=_F32) if need_weight_grad else None
+    bias_acc = x.new_zeros(n_classes, dtype=_F32) if need_bias_grad else None
+    logits_buf = x.new_empty((min(chunk_rows, n_rows), n_classes))
+    w_t = w.t()
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        x_chunk = x[start:stop]
+        logits = logits_buf[: stop - start]
+        if bias is None:
+            torch.mm(x_chunk, w_t, out=logits)
+        else:
+            torch.addmm(bias, x_chunk, w_t, out=logits)
+        chunk_loss, _ = impl.cross_entropy_fwd(
+            logits, target[start:stop], class_weight, scales, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            soft_target=False, inplace=True, need_grad=need_grad)
+        row_loss[start:stop] = chunk_loss
+        if not need_grad:
+            continue
+        if row_scale is not None:
+            logits.mul_(row_scale[start:stop, None])
+        if need_input_grad:
+            torch.mm(logits, w, out=grad_input[start:stop])
+        if need_weight_grad:
+            _add_weight_grad(weight_acc, logits, x_chunk)
+        if need_bias_grad:
+            bias_acc += logits.sum(0, dtype=_F32)
+    grad_weight = None if weight_acc is None else weight_acc.to(w.dtype)
+    grad_bias = None if bias_acc is None else bias_acc.to(bias.dtype)
+    return row_loss, grad_input, grad_weight, grad_bias
+
+
+@torch.library.custom_op("fusedopt::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(input: Tensor, linear_weight: Tensor, target: Tensor,
+                             linear_bias: Optional[Tensor], weight: Optional[Tensor],
+                             scales: Tensor, row_scale: Optional[Tensor], ignore_index: int,
+                             label_smoothing: float, z_loss: float, softcap: Optional[float],
+                             chunk_rows: int, need_input_grad: bool, need_weight_grad: bool,
+                             need_bias_grad: bool, backend: str
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(row_loss fp32 (N,), grad_input (N, H), grad_weight (V, H), grad_bias (V,)); a
+    gradient that is not asked for is an empty (0,) tensor."""
+    impl = _common.backend_module("cross_entropy", input.device, backend)
+    _common.check_class_targets(target, linear_weight.shape[0], ignore_index)
+    row_loss, grad_input, grad_weight, grad_bias = chunked_pass(
+        impl, input, linear_weight, target, linear_bias, weight, scales, row_scale,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, chunk_rows=chunk_rows, need_input_grad=need_input_grad,
+        need_weight_grad=need_weight_grad, need_bias_grad=need_bias_grad)
+    return (row_loss,) + tuple(input.new_empty(0) if g is None else g
+                               for g in (grad_input, grad_weight, grad_bias))
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(input, linear_weight, target, linear_bias, weight, scales, row_scale, ignore_index,
+      label_smoothing, z_loss, softcap, chunk_rows, need_input_grad, need_weight_grad,
+      need_bias_grad, backend):
+    row_loss = input.new_empty(input.shape[0], dtype=_F32)
+    grad_input = input.new_empty(input.shape if need_input_grad else (0,))
+    grad_weight = linear_weight.new_empty(linear_weight.shape if need_weight_grad else (0,))
+    grad_bias = (linear_bias.new_empty(linear_bias.shape) if need_bias_grad
+                 else input.new_empty(0))
+    return row_loss, grad_input, grad_weight, grad_bias
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """(N, H) input -> fp32 row losses ('none') or their sum; for 'mean'/'sum' the gradients
+    come from forward, for 'none' backward recomputes them chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, target, linear_bias, weight, scales, ignore_index,
+                label_smoothing, z_loss, softcap, chunk_rows, reduction, needs, backend):
+        ctx.per_row, ctx.needs, ctx.backend = reduction == "none", needs, backend
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_rows)
+        op = torch.ops.fusedopt.linear_cross_entropy_fwd
+        if ctx.per_row:
+            row_loss = op(input, linear_weight, target, linear_bias, weight, scales, None,
+                          *ctx.options, False, False, False, backend)[0]
+            if any(needs):
+                ctx.save_for_backward(input, linear_weight, target, linear_bias, weight,
+                                      scales)
+            return row_loss
+        row_loss, *grads = op(input, linear_weight, target, linear_bias, weight, scales, None,
+                              *ctx.options, *needs, backend)
+        ctx.save_for_backward(*grads)
+        return row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.per_row:
+            input, linear_weight, target, linear_bias, weight, scales = ctx.saved_tensors
+            _, *grads = torch.ops.fusedopt.linear_cross_entropy_fwd(
+                input, linear_weight, target, linear_bias, weight, scales,
+                grad_output.to(_F32).contiguous(), *ctx.options, *ctx.needs, ctx.backend)
+        else:
+            if not torch.compiler.is_compiling():
+                if getattr(ctx, "grads_consumed", False):
+                    raise RuntimeError(
+                        "fusedopt linear_cross_entropy: backward through the same loss a "
+                        "second time (retain_graph=True) is not supported for reduction "
+                        "'mean' or 'sum'; the stored gradients were scaled in place by the "
+                        "first backward -- compute the loss again")
+                ctx.grads_consumed = True
+            grads = ctx.saved_tensors
+            scale = grad_output.to(_F32)
+            for grad, needed in zip(grads, ctx.needs):
+                if needed:
+                    torch.ops.fusedopt.scale_grad_(grad, scale, "cross_entropy", ctx.backend)
+        grad_input, grad_weight, grad_bias = (g if needed else None
+                                              for g, needed in zip(grads, ctx.needs))
+        return (grad_input, grad_weight, None, grad_bias) + (None,) * 10
+
+
+def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
+                         reduction, label_smoothing, z_loss, softcap, chunk_size, backend):
+    """The loss for validated arguments (see fusedopt.functional.linear_cross_entropy)."""
+    hidden = input.shape[-1]
+    n_classes = linear_weight.shape[0]
+    x = input.reshape(-1, hidden)
+    target_rows = target.reshape(-1).contiguous()
+    weight32 = weight.to(_F32).contiguous() if weight is not None else None
+    n_rows = x.shape[0]
+
+    denominator = None
+    if reduction == "mean":
+        denominator, n_valid = _common.class_mean_denominators(
+            target_rows, weight32, ignore_index, n_classes)
+        scales = _common.mean_scales(denominator, n_valid)
+    else:
+        scales = _common.unit_scales(input.device)
+
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
+             grad_on and linear_bias is not None and linear_bias.requires_grad)
+    chunk_rows = int(chunk_size) if chunk_size else default_chunk_rows(n_rows, n_classes,
+                                                                       hidden)
+    out = LinearCrossEntropyFunction.apply(
+        x, linear_weight, target_rows, linear_bias, weight32, scales, ignore_index,
+        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+        chunk_rows, reduction, needs, backend or "")
+    if reduction == "none":
+        return out.reshape(target.shape).to(input.dtype)
+    if denominator is not None:
+        out = _common.nan_if_zero(out, denominator)
+    return out.to(input.dtype)
