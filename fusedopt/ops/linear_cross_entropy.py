@@ -22,12 +22,14 @@ exists to avoid, so forward computes only the row losses (the kernel writes no g
 and saves the inputs; backward runs the chunk loop again with each chunk's d logits
 multiplied by its rows' grad_output (one extra logits GEMM, no N x V buffer).
 
-Extra memory: the (R, V) logits buffer, the returned gradients (N x H, V x H, V) and for
-bf16/fp16 weights an fp32 V x H accumulator (on CPU also an fp32 copy of the chunk's
-gradient for the fp32 dW GEMM, which the CPU cannot form from bf16/fp16 operands
-directly).  Work: 3 GEMMs of 2·N·V·H flops (4 for 'none' with gradients); the loss
-kernel reads each chunk's logits at most twice and writes them once, while the chunk is
-still in cache.
+Extra memory: the (R, V) logits buffer, the returned gradients (N x H, V x H, V) and an
+fp32 V x H accumulator for dW -- the gradient itself for fp32 on CUDA; on CPU it holds
+the transpose (the faster GEMM layout there) and is copied into the (V, H) gradient after
+the logits buffer is freed; bf16/fp16 gradients are rounded from it at the end (on CPU
+the dW GEMM also needs fp32 copies of the chunk's operands: torch has no bf16 x bf16 ->
+fp32 GEMM there).  Work: 3 GEMMs of 2·N·V·H flops (4 for 'none' with gradients); the
+loss kernel reads each chunk's logits at most twice and writes them once, while the chunk
+is still in cache.
 """
 
 from __future__ import annotations
@@ -41,31 +43,44 @@ from fusedopt.ops import _common
 
 _F32 = torch.float32
 
-# Rows per chunk: the chunk's logits hold about as many elements as the input x (N x H)
-# divided by CHUNK_SHRINK, rounded to a power of two and kept within
-# [MIN_CHUNK_ROWS, N].  Measured on CPU (docs/linear_cross_entropy.md).
-CHUNK_SHRINK = 2
 MIN_CHUNK_ROWS = 16
 
 
-def default_chunk_rows(n_rows: int, n_classes: int, hidden: int) -> int:
-    """Rows per chunk for an (n_rows, hidden) input and n_classes classes."""
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def default_chunk_rows(n_rows: int, n_classes: int, hidden: int, device_type: str) -> int:
+    """Rows per chunk for an (n_rows, hidden) input and n_classes classes (a power of two,
+    at least MIN_CHUNK_ROWS, at most n_rows; docs/linear_cross_entropy.md "Chunk size").
+
+    CPU: the chunk's logits hold at most as many elements as the larger of the weight
+    (V x H) and the input (N x H) -- tall enough GEMMs, measured, within a memory that is
+    already O(V x H).  Other devices: about as many as the input (chunk ≈ N·H / V rows),
+    the budget of the GPU implementations this op is compared with."""
     if n_rows <= 0:
         return 1
-    per_row = -(-n_classes // max(hidden, 1))            # logits per input element
-    rows = max(-(-n_rows // (per_row * CHUNK_SHRINK)), 1)
-    rows = 1 << (rows - 1).bit_length()                   # next power of two
-    return max(min(rows, n_rows), min(MIN_CHUNK_ROWS, n_rows))
+    if device_type == "cpu":
+        rows = _pow2_floor(max(hidden, n_rows * hidden // n_classes))
+    else:
+        rows = _pow2_floor(max(n_rows * hidden // n_classes, 1))
+    return min(max(rows, MIN_CHUNK_ROWS), n_rows)
 
 
-def _add_weight_grad(acc: Tensor, dlogits: Tensor, x_chunk: Tensor) -> None:
-    """acc (V, H) fp32 += dlogits^T @ x_chunk, accumulated in fp32 for every input dtype."""
-    if dlogits.dtype == _F32:
+def _add_weight_grad(acc: Tensor, dlogits: Tensor, x_chunk: Tensor, transposed: bool) -> None:
+    """acc += dlogits^T @ x_chunk in fp32 for every input dtype; acc is the (V, H) fp32
+    gradient, or with `transposed` its (H, V) transpose (x_chunk^T @ dlogits: the faster
+    GEMM layout for MKL on CPU, measured)."""
+    if dlogits.dtype != _F32:
+        if dlogits.device.type == "cuda":   # cuBLAS: bf16/fp16 operands, fp32 output
+            torch.addmm(acc, dlogits.t(), x_chunk, out_dtype=_F32, out=acc)
+            return
+        # no mixed-precision GEMM on this device: the chunk's operands in fp32
+        dlogits, x_chunk = dlogits.to(_F32), x_chunk.to(_F32)
+    if transposed:
+        acc.addmm_(x_chunk.t(), dlogits)
+    else:
         acc.addmm_(dlogits.t(), x_chunk)
-    elif dlogits.device.type == "cuda":   # cuBLAS: bf16/fp16 operands, fp32 output
-        torch.addmm(acc, dlogits.t(), x_chunk, out_dtype=_F32, out=acc)
-    else:                                 # no mixed-precision GEMM on this device
-        acc.addmm_(dlogits.t().to(_F32), x_chunk.to(_F32))
 
 
 def chunked_pass(impl, x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tensor],
@@ -83,7 +98,11 @@ def chunked_pass(impl, x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tens
     need_grad = need_input_grad or need_weight_grad or need_bias_grad
     row_loss = x.new_empty(n_rows, dtype=_F32)
     grad_input = x.new_empty((n_rows, hidden)) if need_input_grad else None
-    weight_acc = w.new_zeros((n_classes, hidden), dtype=_F32) if need_weight_grad else None
+    transposed = x.device.type == "cpu"
+    weight_acc = None
+    if need_weight_grad:
+        weight_acc = w.new_zeros((hidden, n_classes) if transposed else (n_classes, hidden),
+                                 dtype=_F32)
     bias_acc = x.new_zeros(n_classes, dtype=_F32) if need_bias_grad else None
     logits_buf = x.new_empty((min(chunk_rows, n_rows), n_classes))
     w_t = w.t()
@@ -107,10 +126,14 @@ def chunked_pass(impl, x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tens
         if need_input_grad:
             torch.mm(logits, w, out=grad_input[start:stop])
         if need_weight_grad:
-            _add_weight_grad(weight_acc, logits, x_chunk)
+            _add_weight_grad(weight_acc, logits, x_chunk, transposed)
         if need_bias_grad:
             bias_acc += logits.sum(0, dtype=_F32)
-    grad_weight = None if weight_acc is None else weight_acc.to(w.dtype)
+    del logits_buf   # before the weight gradient's final copy
+    grad_weight = None
+    if weight_acc is not None:
+        grad_weight = (weight_acc.t() if transposed else weight_acc).to(
+            w.dtype, memory_format=torch.contiguous_format)
     grad_bias = None if bias_acc is None else bias_acc.to(bias.dtype)
     return row_loss, grad_input, grad_weight, grad_bias
 
@@ -217,8 +240,8 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, igno
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)
-    chunk_rows = int(chunk_size) if chunk_size else default_chunk_rows(n_rows, n_classes,
-                                                                       hidden)
+    chunk_rows = int(chunk_size) if chunk_size else default_chunk_rows(
+        n_rows, n_classes, hidden, input.device.type)
     out = LinearCrossEntropyFunction.apply(
         x, linear_weight, target_rows, linear_bias, weight32, scales, ignore_index,
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),

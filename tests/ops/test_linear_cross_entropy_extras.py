@@ -115,12 +115,19 @@ def test_module_matches_torch_module():
 
 
 def test_default_chunk_rows():
-    rows = default_chunk_rows(8192, 32000, 256)
-    assert rows & (rows - 1) == 0 and rows * 32000 <= 8192 * 256
-    assert default_chunk_rows(5, 32000, 16) == 5              # never above N
-    assert default_chunk_rows(10_000, 262_144, 64) >= MIN_CHUNK_ROWS
-    assert default_chunk_rows(4096, 10, 4096) == 4096          # small V: one chunk
-    assert default_chunk_rows(0, 10, 4) == 1
+    # CPU: a chunk of logits no larger than max(V x H, N x H) elements
+    assert default_chunk_rows(8192, 32000, 256, "cpu") == 256
+    assert default_chunk_rows(2048, 8000, 128, "cpu") == 128
+    assert default_chunk_rows(4096, 10, 512, "cpu") == 4096          # small V: one chunk
+    # other devices: about N x H elements (the GPU implementations' budget)
+    assert default_chunk_rows(8192, 128256, 4096, "cuda") == 256
+    assert default_chunk_rows(8192, 32000, 256, "cuda") == 64
+    for device in ("cpu", "cuda"):
+        assert default_chunk_rows(5, 32000, 16, device) == 5          # never above N
+        assert default_chunk_rows(10_000, 262_144, 8, device) == MIN_CHUNK_ROWS
+        assert default_chunk_rows(0, 10, 4, device) == 1
+        rows = default_chunk_rows(3000, 50_000, 300, device)
+        assert rows & (rows - 1) == 0
 
 
 def test_peak_memory_is_a_chunk_plus_the_gradients():
@@ -142,8 +149,10 @@ def test_peak_memory_is_a_chunk_plus_the_gradients():
         return torch.autograd.grad(loss, (x, w))
 
     logits_bytes = n * n_classes * 4
-    chunk = default_chunk_rows(n, n_classes, hidden)
-    bound = (chunk * n_classes + n * hidden + n_classes * hidden + 2 * n) * 4
+    chunk = default_chunk_rows(n, n_classes, hidden, "cpu")
+    # dX and the fp32 (H, V) accumulator, with the chunk of logits in the loop or the
+    # (V, H) gradient copied from the accumulator at the end; O(N) scalars
+    bound = (n * hidden + n_classes * hidden + max(chunk, hidden) * n_classes + 4 * n) * 4
     peak = cpu_peak_memory(ours)
     assert peak is not None, "this torch's profiler records no CPU allocations"
     assert peak <= 1.02 * bound + 65536, (peak, bound)
