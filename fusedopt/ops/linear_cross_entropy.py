@@ -67,12 +67,18 @@ def default_chunk_rows(n_rows: int, n_classes: int, hidden: int, device_type: st
     return min(max(rows, MIN_CHUNK_ROWS), n_rows)
 
 
+def _has_fp32_out_gemm(device: torch.device) -> bool:
+    """torch's GEMM with bf16/fp16 operands and an fp32 output (``out_dtype=``): CUDA
+    devices of compute capability 8.0 and newer only."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _add_weight_grad(acc: Tensor, dlogits: Tensor, x_chunk: Tensor, transposed: bool) -> None:
     """acc += dlogits^T @ x_chunk in fp32 for every input dtype; acc is the (V, H) fp32
     gradient, or with `transposed` its (H, V) transpose (x_chunk^T @ dlogits: the faster
     GEMM layout for MKL on CPU, measured)."""
     if dlogits.dtype != _F32:
-        if dlogits.device.type == "cuda":   # cuBLAS: bf16/fp16 operands, fp32 output
+        if _has_fp32_out_gemm(dlogits.device):   # bf16/fp16 operands, fp32 output
             torch.addmm(acc, dlogits.t(), x_chunk, out_dtype=_F32, out=acc)
             return
         # no mixed-precision GEMM on this device: the chunk's operands in fp32
@@ -129,7 +135,7 @@ def chunked_pass(impl, x: Tensor, w: Tensor, target: Tensor, bias: Optional[Tens
             _add_weight_grad(weight_acc, logits, x_chunk, transposed)
         if need_bias_grad:
             bias_acc += logits.sum(0, dtype=_F32)
-    del logits_buf   # before the weight gradient's final copy
+    logits_buf = logits = None   # the chunk is freed before the weight gradient's copy
     grad_weight = None
     if weight_acc is not None:
         grad_weight = (weight_acc.t() if transposed else weight_acc).to(
