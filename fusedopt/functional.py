@@ -281,11 +281,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                              f"linear_weight), got {tuple(weight.shape)}")
         _check_same_device(input, "weight", weight)
     _check_z_loss_softcap(z_loss, softcap)
-    if chunk_size is not None and (isinstance(chunk_size, bool)
-                                   or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, "
-                         f"got {chunk_size!r}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+            raise TypeError(f"chunk_size must be an int (rows per chunk) or None, "
+                            f"got {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (rows per chunk), got {chunk_size!r}")
     return ops.linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
                                     int(ignore_index), reduction, label_smoothing, z_loss,
                                     softcap, chunk_size, backend)

@@ -34,6 +34,7 @@ is still in cache.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -230,10 +231,10 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, igno
     """The loss for validated arguments (see fusedopt.functional.linear_cross_entropy)."""
     hidden = input.shape[-1]
     n_classes = linear_weight.shape[0]
-    x = input.reshape(-1, hidden)
+    n_rows = math.prod(input.shape[:-1])
+    x = input.reshape(n_rows, hidden)
     target_rows = target.reshape(-1).contiguous()
     weight32 = weight.to(_F32).contiguous() if weight is not None else None
-    n_rows = x.shape[0]
 
     denominator = None
     if reduction == "mean":

@@ -33,7 +33,7 @@ def make_inputs(rows_shape, hidden, n_classes, device, *, dtype=torch.float32, b
                 weight=False, ignore=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*rows_shape, hidden, generator=gen)
-    w = torch.randn(n_classes, hidden, generator=gen) * (3.0 / hidden ** 0.5)
+    w = torch.randn(n_classes, hidden, generator=gen) * (3.0 / max(hidden, 1) ** 0.5)
     b = torch.randn(n_classes, generator=gen) if bias else None
     y = torch.randint(0, n_classes, rows_shape, generator=gen)
     if ignore and y.dim() > 0:
@@ -239,3 +239,15 @@ def test_none_backward_can_run_twice_and_mean_refuses(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
+
+
+def test_zero_features(backend):
+    """H = 0: the logits are the bias alone, dX and dW are empty, db is the usual one."""
+    device = require_op(backend, OP)
+    x, w, b, y, _ = make_inputs((N,), 0, V, device, bias=True)
+    got = fo.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=4, backend=backend)
+    want = reference(x, w, b, y, None)
+    assert_close(got, want, what="loss")
+    g_x, g_w, g_b = grads(got, (x, w, b), None)
+    assert g_x.shape == (N, 0) and g_w.shape == (V, 0)
+    assert_close(g_b, grads(want, (b,), None)[0], what="grad of linear_bias")

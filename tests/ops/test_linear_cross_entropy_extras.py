@@ -49,8 +49,8 @@ ERRORS = {
     "z_loss": (dict(z_loss=-1.0), ValueError, "z_loss"),
     "softcap": (dict(softcap=0.0), ValueError, "softcap"),
     "chunk_zero": (dict(chunk_size=0), ValueError, "chunk_size"),
-    "chunk_bool": (dict(chunk_size=True), ValueError, "chunk_size"),
-    "chunk_float": (dict(chunk_size=2.5), ValueError, "2.5"),
+    "chunk_bool": (dict(chunk_size=True), TypeError, "chunk_size"),
+    "chunk_float": (dict(chunk_size=2.5), TypeError, "2.5"),
     "backend": (dict(backend="numpy"), ValueError, "'numpy'"),
 }
 
