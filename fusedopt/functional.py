@@ -17,6 +17,7 @@ import torch
 from fusedopt import backends, ops
 from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
 from fusedopt.ops import _common
+from fusedopt.ops._dtensor import is_dtensor
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "linear_cross_entropy"]
 
@@ -130,6 +131,19 @@ def _check_class_vector(input, name, tensor):
     _check_same_device(input, name, tensor)
 
 
+def _check_z_loss_softcap(z_loss, softcap):
+    """The z-loss coefficient and the soft-cap of the cross-entropy losses."""
+    _check_number("z_loss", z_loss, low=0.0)
+    if not math.isfinite(float(z_loss)):
+        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+    _check_fp32_range("z_loss", z_loss, 0.0, _FP32.max)
+    if softcap is not None:
+        _check_number("softcap", softcap, low=0.0, low_open=True)
+        if not math.isfinite(float(softcap)):
+            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
+        _check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
+
+
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
                   backend=None):
@@ -141,15 +155,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     _check_backend_dtype("cross_entropy", input, backend)
     if weight is not None:
         _check_class_vector(input, "weight", weight)
-    _check_number("z_loss", z_loss, low=0.0)
-    if not math.isfinite(float(z_loss)):
-        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
-    _check_fp32_range("z_loss", z_loss, 0.0, _FP32.max)
-    if softcap is not None:
-        _check_number("softcap", softcap, low=0.0, low_open=True)
-        if not math.isfinite(float(softcap)):
-            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
-        _check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
+    _check_z_loss_softcap(z_loss, softcap)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     return ops.cross_entropy(input, target, weight, int(ignore_index), reduction,
@@ -202,16 +208,6 @@ def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *
                                   backend)
 
 
-def _check_z_loss_softcap(z_loss, softcap):
-    _check_number("z_loss", z_loss, low=0.0)
-    if not math.isfinite(float(z_loss)):
-        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
-    if softcap is not None:
-        _check_number("softcap", softcap, low=0.0, low_open=True)
-        if not math.isfinite(float(softcap)):
-            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
-
-
 def _check_linear_operand(input, name, tensor, shape):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -235,6 +231,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     N, V, H).  Probability targets are refused."""
     _check_common(reduction, label_smoothing, backend)
     _check_input(input)
+    for name, tensor in (("input", input), ("linear_weight", linear_weight),
+                         ("linear_bias", linear_bias), ("target", target)):
+        if is_dtensor(tensor):
+            raise TypeError(f"{name}: linear_cross_entropy does not take DTensors; pass the "
+                            "local tensors, or compute the logits and call cross_entropy, "
+                            "which handles sharded logits")
     if input.dim() == 0:
         raise ValueError("input must have shape (H,) or (..., H), got a 0-dim tensor")
     if not isinstance(linear_weight, torch.Tensor):

@@ -73,6 +73,16 @@ def test_errors_before_any_kernel(case, monkeypatch):
     assert text in str(info.value), f"message {str(info.value)!r} lacks {text!r}"
 
 
+def test_dtensor_refused(monkeypatch):
+    """A DTensor operand gets a TypeError naming it (detection patched: a real DTensor needs
+    a process group; tests/distributed covers DTensor losses)."""
+    args = _args()
+    monkeypatch.setattr(fo.functional, "is_dtensor", lambda t: t is args["linear_weight"])
+    with pytest.raises(TypeError, match="linear_weight: linear_cross_entropy does not take "
+                                        "DTensors"):
+        fo.linear_cross_entropy(**args)
+
+
 @pytest.mark.parametrize("bad", (V, -1))
 def test_out_of_range_target_cpu_raises(backend, bad):
     device = require_op(backend, "cross_entropy")
