@@ -38,9 +38,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fusedopt.ops import _common
+from fusedopt.ops import _common, _formulas
 
 _F32 = torch.float32
 
@@ -178,15 +179,57 @@ def _(input, linear_weight, target, linear_bias, weight, scales, row_scale, igno
     return row_loss, grad_input, grad_weight, grad_bias
 
 
+class Operands:
+    """What a differentiable backward (create_graph=True) needs to form the loss again: the
+    caller's input, linear weight and bias (references, never copies) with their versions,
+    `rows(input)` the Function's (N, H) input and `output(x, w, b)` the Function's output
+    in differentiable torch ops (the full N x V logits: docs/linear_cross_entropy.md,
+    "Autograd")."""
+
+    __slots__ = ("tensors", "versions", "rows", "output")
+
+    def __init__(self, tensors, rows, output):
+        self.tensors = tensors
+        self.versions = tuple(None if t is None else t._version for t in tensors)
+        self.rows, self.output = rows, output
+
+
+def _differentiable_grads(ctx, grad_output):
+    """The gradients with a graph of their own: the loss recomputed from the caller's
+    tensors in differentiable torch ops, differentiated by autograd."""
+    operands = getattr(ctx, "operands", None)
+    if operands is None:
+        raise RuntimeError(
+            "fusedopt linear_cross_entropy: backward with create_graph=True (a double "
+            "backward, e.g. a gradient penalty) is not supported for a loss computed under "
+            "torch.compile")
+    for t, version in zip(operands.tensors, operands.versions):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                "fusedopt linear_cross_entropy: backward with create_graph=True recomputes "
+                "the loss from input, linear_weight and linear_bias, one of which was "
+                "modified in place after the loss was computed")
+    input, linear_weight, linear_bias = operands.tensors
+    x = operands.rows(input)
+    wrt = [t for t, needed in zip((x, linear_weight, linear_bias), ctx.needs) if needed]
+    grads = iter(torch.autograd.grad(operands.output(x, linear_weight, linear_bias), wrt,
+                                     grad_output, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in ctx.needs)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """(N, H) input -> fp32 row losses ('none') or their sum; for 'mean'/'sum' the gradients
-    come from forward, for 'none' backward recomputes them chunk by chunk."""
+    come from forward, for 'none' backward recomputes them chunk by chunk.  `operands` (an
+    Operands or None) is how a differentiable backward forms the loss again."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, target, linear_bias, weight, scales, ignore_index,
-                label_smoothing, z_loss, softcap, chunk_rows, reduction, needs, backend):
+                label_smoothing, z_loss, softcap, chunk_rows, reduction, needs, backend,
+                operands=None):
         ctx.per_row, ctx.needs, ctx.backend = reduction == "none", needs, backend
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_rows)
+        if any(needs) and not torch.compiler.is_compiling():
+            ctx.operands = operands
         op = torch.ops.fusedopt.linear_cross_entropy_fwd
         if ctx.per_row:
             row_loss = op(input, linear_weight, target, linear_bias, weight, scales, None,
@@ -202,28 +245,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if not torch.compiler.is_compiling():
+            if torch.is_grad_enabled():
+                grad_input, grad_weight, grad_bias = _differentiable_grads(ctx, grad_output)
+                return (grad_input, grad_weight, None, grad_bias) + (None,) * 11
+            if not _common.graph_kept():
+                ctx.operands = None  # the graph is freed after this backward
         if ctx.per_row:
             input, linear_weight, target, linear_bias, weight, scales = ctx.saved_tensors
             _, *grads = torch.ops.fusedopt.linear_cross_entropy_fwd(
                 input, linear_weight, target, linear_bias, weight, scales,
                 grad_output.to(_F32).contiguous(), *ctx.options, *ctx.needs, ctx.backend)
-        else:
-            if not torch.compiler.is_compiling():
-                if getattr(ctx, "grads_consumed", False):
-                    raise RuntimeError(
-                        "fusedopt linear_cross_entropy: backward through the same loss a "
-                        "second time (retain_graph=True) is not supported for reduction "
-                        "'mean' or 'sum'; the stored gradients were scaled in place by the "
-                        "first backward -- compute the loss again")
-                ctx.grads_consumed = True
-            grads = ctx.saved_tensors
+        else:   # 'mean'/'sum': the gradients from forward, scaled (in place unless kept)
             scale = grad_output.to(_F32)
-            for grad, needed in zip(grads, ctx.needs):
-                if needed:
-                    torch.ops.fusedopt.scale_grad_(grad, scale, "cross_entropy", ctx.backend)
+            grads = [_common.scale_stored(grad, scale, "cross_entropy", ctx.backend)
+                     if needed else None for grad, needed in zip(ctx.saved_tensors, ctx.needs)]
         grad_input, grad_weight, grad_bias = (g if needed else None
                                               for g, needed in zip(grads, ctx.needs))
-        return (grad_input, grad_weight, None, grad_bias) + (None,) * 10
+        return (grad_input, grad_weight, None, grad_bias) + (None,) * 11
+
+
+def _has_tangent(*tensors):
+    """Whether one of `tensors` carries a forward-mode AD tangent (a dual tensor)."""
+    forward_ad = torch.autograd.forward_ad
+    return not torch.compiler.is_compiling() and forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
@@ -244,15 +290,37 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, igno
     else:
         scales = _common.unit_scales(input.device)
 
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
-             grad_on and linear_bias is not None and linear_bias.requires_grad)
-    chunk_rows = int(chunk_size) if chunk_size else default_chunk_rows(
-        n_rows, n_classes, hidden, input.device.type)
-    out = LinearCrossEntropyFunction.apply(
-        x, linear_weight, target_rows, linear_bias, weight32, scales, ignore_index,
-        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
-        chunk_rows, reduction, needs, backend or "")
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    softcap = None if softcap is None else float(softcap)
+    backend = backend or ""
+
+    def rows(t):
+        return t.reshape(n_rows, hidden)
+
+    def output(x_rows, w, b):
+        """The Function's output in differentiable torch ops (the full logits)."""
+        row_loss = _formulas.cross_entropy_rows(
+            F.linear(x_rows, w, b), target_rows, weight32, scales, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            soft_target=False)
+        return row_loss if reduction == "none" else row_loss.sum()
+
+    if _common.needs_formula(input, weight) or _has_tangent(linear_weight, linear_bias):
+        _common.backend_module("cross_entropy", input.device, backend)
+        _common.check_class_targets(target_rows, n_classes, ignore_index)
+        out = output(x, linear_weight, linear_bias)
+    else:
+        grad_on = torch.is_grad_enabled()
+        needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
+                 grad_on and linear_bias is not None and linear_bias.requires_grad)
+        chunk_rows = int(chunk_size) if chunk_size else default_chunk_rows(
+            n_rows, n_classes, hidden, input.device.type)
+        operands = None
+        if any(needs) and not torch.compiler.is_compiling():
+            operands = Operands((input, linear_weight, linear_bias), rows, output)
+        out = LinearCrossEntropyFunction.apply(
+            x, linear_weight, target_rows, linear_bias, weight32, scales, ignore_index,
+            label_smoothing, z_loss, softcap, chunk_rows, reduction, needs, backend, operands)
     if reduction == "none":
         return out.reshape(target.shape).to(input.dtype)
     if denominator is not None:
