@@ -1,13 +1,23 @@
-"""LossScaler: dynamic loss scaling that lives on the device.
+"""LossScaler: dynamic loss scaling that lives on the device, with torch.amp.GradScaler's
+interface.
 
     scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+
+    scaler.scale(loss).backward(); scaler.unscale_(opt); clip_grad_norm_(...)
+    scaler.step(opt); scaler.update()
 
 ``step`` hands the scale (an fp32 0-dim tensor on the loss's device) to a fused optimizer,
 which divides the gradients by it, detects inf/NaN and clips inside its own norm and
 update kernels: there is no separate unscale or inf-check pass, and no host sync.  If any
 gradient is inf/NaN the optimizer skips the whole step and ``step`` returns 1.0 in the
-found-inf flag.  ``update`` then backs the scale off, or grows it after
-``growth_interval`` clean steps, with device ops only (the rule of torch.amp.GradScaler).
+found-inf flag.  ``unscale_`` divides the gradients in place (for code that clips or
+inspects them itself); the step that follows applies no second unscale and skips on the
+flag ``unscale_`` found, still without a host sync.  ``update`` then backs the scale off,
+or grows it after ``growth_interval`` clean steps, with device ops only (the rule of
+torch.amp.GradScaler).
+
+``process_group``: the inf/NaN flag is summed over it (one small all-reduce, no host
+sync), so every rank skips the same steps and keeps the same scale.
 """
 
 from __future__ import annotations
@@ -17,7 +27,10 @@ from numbers import Real
 
 import torch
 
+from fusedopt.optim._distributed import all_reduce_sum, local
+
 _F32 = torch.float32
+_UNSCALED, _STEPPED = "unscaled", "stepped"
 
 
 def _number(name, value, *, low, high=None, low_open=True):
@@ -29,18 +42,38 @@ def _number(name, value, *, low, high=None, low_open=True):
         raise ValueError(f"invalid {name}: {value!r} (expected a value {bounds})")
 
 
-class LossScaler:
-    """Device-side dynamic loss scaler for the fused optimizers (see docs/optimizers.md)."""
+def _interval(value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"invalid growth_interval: {value!r} (expected an int >= 1)")
 
-    def __init__(self, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, enabled=True):
+
+class LossScaler:
+    """Device-side dynamic loss scaler for the fused optimizers (see docs/optimizers.md).
+
+    The arguments are torch.amp.GradScaler's, in its order, so that
+    ``LossScaler("cuda", init_scale=...)`` replaces ``GradScaler("cuda", init_scale=...)``;
+    ``device`` is accepted and not needed: the scale lives on the device of the first loss
+    it scales.  A number as the first argument is the ``init_scale``."""
+
+    def __init__(self, device=None, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000, enabled=True, *, process_group=None):
+        if isinstance(device, Real) and not isinstance(device, bool):  # LossScaler(2.0**10)
+            device, init_scale = None, device
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a device name, a torch.device or None, got {device!r}")
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {enabled!r}")
         _number("init_scale", init_scale, low=0.0)
         _number("growth_factor", growth_factor, low=1.0)
         _number("backoff_factor", backoff_factor, low=0.0, high=1.0)
-        if not isinstance(growth_interval, int) or isinstance(growth_interval, bool) or growth_interval < 1:
-            raise ValueError(f"invalid growth_interval: {growth_interval!r} (expected an int >= 1)")
+        _interval(growth_interval)
+        if process_group is not None:
+            import torch.distributed as dist
+
+            if not isinstance(process_group, dist.ProcessGroup):
+                raise TypeError(f"process_group must be a torch.distributed ProcessGroup or "
+                                f"None, got {type(process_group).__name__}")
+        self.process_group = process_group
         self._enabled = enabled
         self._init_scale = float(init_scale)
         self._growth_factor = float(growth_factor)
@@ -49,7 +82,9 @@ class LossScaler:
         self._init_growth_tracker = 0
         self._scale: torch.Tensor | None = None
         self._growth_tracker: torch.Tensor | None = None
-        self._found_inf: torch.Tensor | None = None  # max over the steps since update()
+        self._found_inf: torch.Tensor | None = None  # max over the flags since update()
+        self._stages: dict[int, str] = {}  # id(optimizer) -> unscaled / stepped
+        self._unscaled: dict[int, torch.Tensor] = {}  # id(optimizer) -> flag of unscale_
 
     def is_enabled(self) -> bool:
         return self._enabled
@@ -57,6 +92,11 @@ class LossScaler:
     def _lazy_init(self, device):
         self._scale = torch.full((), self._init_scale, dtype=_F32, device=device)
         self._growth_tracker = torch.full((), self._init_growth_tracker, dtype=torch.int32, device=device)
+
+    def _require_scale(self, what):
+        if self._scale is None:
+            raise RuntimeError(f"LossScaler.{what} called before LossScaler.scale(loss): "
+                               f"there is no scale yet")
 
     def scale(self, outputs):
         """``outputs * scale`` (a tensor, or a list/tuple of tensors); the scale is created on
@@ -71,60 +111,113 @@ class LossScaler:
             return type(outputs)(self.scale(o) for o in outputs)
         raise TypeError(f"outputs must be a tensor or a list/tuple of tensors, got {type(outputs).__name__}")
 
-    def step(self, optimizer):
-        """Step ``optimizer`` on the scaled gradients; returns the found-inf flag (device tensor).
+    def _record(self, flag):
+        self._found_inf = flag if self._found_inf is None else torch.maximum(self._found_inf, flag)
 
-        A fused optimizer unscales and checks inside its kernels, without a sync.  Any other
-        torch optimizer is served as torch.amp.GradScaler does: the gradients are unscaled in
-        place and the step is skipped on overflow, which reads the flag on the host (a sync).
-        With ``enabled=False`` this is ``optimizer.step()`` and returns None.
-        """
+    def unscale_(self, optimizer) -> None:
+        """Divide ``optimizer``'s gradients by the scale in place and note whether any is
+        inf/NaN (a device flag, summed over ``process_group``: no host sync).  The next
+        ``step(optimizer)`` applies no second unscale and skips on that flag."""
         if not self._enabled:
-            optimizer.step()
-            return None
-        if self._scale is None:
-            raise RuntimeError("LossScaler.step() called before LossScaler.scale(loss): "
-                               "there is no scale yet")
-        if hasattr(optimizer, "_fo_step_with_loss_scale"):
-            found_inf = optimizer._fo_step_with_loss_scale(self._scale)
-        else:
-            found_inf = self._unscale_and_step(optimizer)
-        found_inf = found_inf.to(self._scale.device)
-        self._found_inf = found_inf if self._found_inf is None else torch.maximum(self._found_inf, found_inf)
-        return found_inf
+            return
+        self._require_scale("unscale_()")
+        stage = self._stages.get(id(optimizer))
+        if stage == _UNSCALED:
+            raise RuntimeError("unscale_() has already been called on this optimizer since "
+                               "the last update().")
+        if stage == _STEPPED:
+            raise RuntimeError("unscale_() is being called after step().")
+        found = self._unscale_grads(optimizer)
+        if self.process_group is not None:
+            found = found.reshape(1)
+            all_reduce_sum(found, self.process_group)
+            found = found.reshape(()).clamp(max=1.0)
+        self._stages[id(optimizer)] = _UNSCALED
+        self._unscaled[id(optimizer)] = found
+        self._record(found)
 
-    def _unscale_and_step(self, optimizer):
+    def _unscale_grads(self, optimizer) -> torch.Tensor:
+        """GradScaler's in-place unscale of every gradient; the inf/NaN flag (0-dim fp32 on
+        the scale's device)."""
         inv_scale = self._scale.double().reciprocal().float()
         found = torch.zeros((), dtype=_F32, device=self._scale.device)
         per_kind: dict[tuple, list] = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    per_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    if p.grad.dtype == torch.float16:  # coalesce has no fp16 kernel
+                        p.grad = p.grad.float().coalesce().half()
+                    elif not p.grad.is_coalesced():
+                        p.grad = p.grad.coalesce()
+                    grad = p.grad._values()
+                else:
+                    grad = local(p.grad)  # a DTensor's: what this rank holds
+                per_kind.setdefault((grad.device, grad.dtype), []).append(grad)
         for (device, _), grads in per_kind.items():
             found_here = torch.zeros(1, dtype=_F32, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_here, inv_scale.to(device))
             found = torch.maximum(found, found_here.to(found.device).reshape(()))
-        if not found.item():
-            optimizer.step()
         return found
+
+    def step(self, optimizer, *args, **kwargs):
+        """``optimizer.step(*args, **kwargs)`` on the scaled gradients, skipped on inf/NaN;
+        returns the found-inf flag (0-dim fp32 device tensor, 1.0 = skipped).
+
+        A fused optimizer unscales and checks inside its kernels, without a sync (after
+        ``unscale_`` it only checks).  Any other torch optimizer is served as
+        torch.amp.GradScaler does: its gradients are unscaled in place and the step is skipped
+        on overflow, which reads the flag on the host (a sync).  With ``enabled=False`` this
+        is ``optimizer.step(*args, **kwargs)`` and returns what it returns.
+        """
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        if "closure" in kwargs:
+            raise RuntimeError("Closure use is not supported by LossScaler.step (nor by "
+                               "torch.amp.GradScaler): compute the loss before stepping")
+        self._require_scale("step()")
+        key = id(optimizer)
+        stage = self._stages.get(key)
+        if stage == _STEPPED:
+            raise RuntimeError("step() has already been called on this optimizer since the "
+                               "last update().")
+        if hasattr(optimizer, "_fo_step_with_loss_scale"):
+            if stage == _UNSCALED:
+                found_inf, _ = optimizer._fo_step_with_loss_scale(
+                    None, args, kwargs, found_inf=self._unscaled[key])
+            else:
+                found_inf, _ = optimizer._fo_step_with_loss_scale(
+                    self._scale, args, kwargs, flag_group=self.process_group)
+        else:
+            if stage != _UNSCALED:
+                self.unscale_(optimizer)
+            found_inf = self._unscaled[key]
+            if not found_inf.item():
+                optimizer.step(*args, **kwargs)
+        found_inf = found_inf.to(self._scale.device)
+        self._stages[key] = _STEPPED
+        self._record(found_inf)
+        return found_inf
 
     def update(self, new_scale=None):
         """Back off after an overflow, grow after ``growth_interval`` clean steps (device ops).
 
-        ``new_scale`` (a float or a 0-dim tensor) sets the scale directly instead."""
+        ``new_scale`` (a float or a one-element tensor) sets the scale directly instead."""
         if not self._enabled:
             return
         if new_scale is not None:
-            if self._scale is None:
-                raise RuntimeError("LossScaler.update(new_scale) called before LossScaler.scale(loss)")
+            self._require_scale("update(new_scale)")
             if torch.is_tensor(new_scale):
-                self._scale.copy_(new_scale.reshape(()))
+                if new_scale.numel() != 1 or not new_scale.is_floating_point():
+                    raise ValueError(f"new_scale must be a float or a one-element floating-"
+                                     f"point tensor, got shape {tuple(new_scale.shape)} "
+                                     f"{new_scale.dtype}")
+                self._scale.copy_(new_scale.detach().reshape(()))
             else:
                 _number("new_scale", new_scale, low=0.0)
                 self._scale.fill_(float(new_scale))
-            self._growth_tracker.zero_()
-            self._found_inf = None
+            self._reset_iteration()
             return
         if self._found_inf is None:
             raise RuntimeError("LossScaler.update() called without a LossScaler.step() since the "
@@ -137,7 +230,12 @@ class LossScaler:
                           torch.where(grow & torch.isfinite(grown), grown, self._scale))
         self._scale.copy_(new)
         self._growth_tracker.copy_(torch.where(found | grow, torch.zeros_like(counted), counted))
+        self._reset_iteration()
+
+    def _reset_iteration(self):
         self._found_inf = None
+        self._stages.clear()
+        self._unscaled.clear()
 
     def get_scale(self) -> float:
         """The current scale as a Python float (reads the device: for logging)."""
@@ -150,6 +248,29 @@ class LossScaler:
             return self._init_growth_tracker
         return int(self._growth_tracker.item())
 
+    _get_growth_tracker = get_growth_tracker  # GradScaler's name
+
+    def get_growth_factor(self) -> float:
+        return self._growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        _number("growth_factor", new_factor, low=1.0)
+        self._growth_factor = float(new_factor)
+
+    def get_backoff_factor(self) -> float:
+        return self._backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        _number("backoff_factor", new_factor, low=0.0, high=1.0)
+        self._backoff_factor = float(new_factor)
+
+    def get_growth_interval(self) -> int:
+        return self._growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        _interval(new_interval)
+        self._growth_interval = new_interval
+
     def state_dict(self) -> dict:
         """torch.amp.GradScaler's layout, so either scaler's checkpoint loads into the other."""
         if not self._enabled:
@@ -159,8 +280,9 @@ class LossScaler:
                 "_growth_tracker": self.get_growth_tracker()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Like GradScaler's: a no-op on a disabled scaler."""
         if not self._enabled:
-            raise RuntimeError("LossScaler.load_state_dict() on a disabled LossScaler")
+            return
         if len(state_dict) == 0:
             raise RuntimeError("LossScaler.load_state_dict() got an empty state dict: it was "
                                "saved from a disabled scaler")
@@ -172,4 +294,19 @@ class LossScaler:
         if self._scale is not None:
             self._scale.fill_(self._init_scale)
             self._growth_tracker.fill_(self._init_growth_tracker)
-        self._found_inf = None
+        self._reset_iteration()
+
+    def __getstate__(self):
+        """Like GradScaler's: the scale as numbers, no per-iteration records; the process
+        group does not pickle and is dropped."""
+        state = self.__dict__.copy()
+        if self._enabled:
+            state["_init_scale"] = self.get_scale()
+            state["_init_growth_tracker"] = self.get_growth_tracker()
+            state["_scale"] = state["_growth_tracker"] = state["_found_inf"] = None
+            state["_stages"], state["_unscaled"] = {}, {}
+        state["process_group"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)

@@ -11,15 +11,18 @@ changes nothing.
 
 Full verification, for one bucket (see docs/architecture.md, "The kernel boundary"):
 - every tensor's type is exactly ``torch.Tensor`` or ``torch.nn.Parameter`` (`local_tensor`:
-  the one place where a subclass -- DTensor, FakeTensor, any ``__torch_dispatch__`` or
-  ``__torch_function__`` subclass -- is refused; distributed support will unwrap here);
+  the one place that decides which tensor a kernel may address -- a DTensor's local shard,
+  which the optimizers unwrap before they build the lists; every other subclass, FakeTensor
+  or any ``__torch_dispatch__`` / ``__torch_function__`` one, is refused);
 - strided layout, no lazy negation/conjugation, on the bucket's device (of a type the
   backend runs on), with a data pointer and a storage that covers its elements;
 - params dense, fp32/bf16/fp16; grads of the params' dtype; states and masters fp32 (the
   lean states of `lean_adam`: bf16 moments, or int8 / uint8 codes); step counters / flags
-  0-dim fp32; every grad, state and master of param i has param i's shape and strides (a
-  dimension of size 1 may have any stride); absmax lists of 8-bit moments: contiguous 1-D
-  fp32 with one element per 256 of the param's; list lengths equal.
+  0-dim fp32 (the optimizer's buckets for the `torch` backend may also hold fp64/complex
+  params with states of their dtype: ``wide``); every grad, state and master of param i
+  has param i's shape and strides (a dimension of size 1 may have any stride); absmax lists
+  of 8-bit moments: contiguous 1-D fp32 with one element per 256 of the param's; list
+  lengths equal.
 
 Fingerprint.  A verified bucket keeps a `Verified` record in the backend's ``cache`` dict;
 at every call the tensors are compared with it and fully verified again only when it
@@ -35,11 +38,14 @@ the launcher's call then finds a token for exactly these list objects and skips 
 from __future__ import annotations
 
 import operator
+import sys
 
 import torch
 
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the compiled kernels take
+# params the optimizers also train, on the `torch` backend only (states of the param's dtype)
+WIDE_DTYPES = (torch.float64, torch.complex64, torch.complex128)
 _F32 = torch.float32
 _TOKEN = "boundary_token"
 _RECORD = "boundary"
@@ -54,17 +60,35 @@ _is = operator.is_
 def local_tensor(t, what: str) -> torch.Tensor:
     """The tensor whose memory a kernel may address, for the value ``what`` names.
 
-    Today that is ``t`` itself when its type is exactly ``torch.Tensor`` or
-    ``torch.nn.Parameter``; every other object, tensor subclasses included, is refused with
-    a TypeError (a subclass's ``data_ptr()`` need not be its data: DTensor's is 0)."""
+    That is ``t`` itself when its type is exactly ``torch.Tensor`` or ``torch.nn.Parameter``,
+    and the local shard of a DTensor (itself such a tensor); every other object, other
+    tensor subclasses included, is refused with a TypeError (a subclass's ``data_ptr()``
+    need not be its data: DTensor's is 0)."""
     if type(t) in PLAIN_TYPES:
         return t
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and type(t) is getattr(dtensor, "DTensor", None):
+        shard = t._local_tensor
+        if type(shard) in PLAIN_TYPES:
+            return shard
+        t, what = shard, f"the local tensor of {what}"
     if isinstance(t, torch.Tensor):
         raise TypeError(
             f"{what} is a {type(t).__name__}; fusedopt optimizers take plain torch.Tensor / "
-            f"nn.Parameter tensors only (tensor subclasses such as DTensor or FakeTensor are "
-            f"not supported)")
+            f"nn.Parameter tensors and DTensors of them only (other tensor subclasses such as "
+            f"FakeTensor are not supported)")
     raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+
+
+def _addressed(t, what: str) -> torch.Tensor:
+    """``t`` when a kernel may address it as it is: a DTensor in a backend's lists is refused
+    (the optimizers hand the backends local shards; a direct call must do the same)."""
+    shard = local_tensor(t, what)
+    if shard is not t:
+        raise TypeError(f"{what} is a DTensor; the kernels take local tensors (the fused "
+                        f"optimizers unwrap DTensor params; a direct backend call must pass "
+                        f"DTensor.to_local())")
+    return t
 
 
 def same_layout(t: torch.Tensor, p: torch.Tensor) -> bool:
@@ -86,6 +110,23 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the states (and the math) of a param of ``dtype``: fp32 for the kernel
+    dtypes, the param's own dtype for the wide ones (as torch keeps them)."""
+    return _F32 if dtype in PARAM_DTYPES else dtype
+
+
+_MATH_DTYPES = {torch.float32: _F32, torch.bfloat16: _F32, torch.float16: _F32,
+                torch.float64: torch.float64, torch.complex64: _F32,
+                torch.complex128: torch.float64}
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the math of a param of ``dtype`` runs in (a complex param's: that of
+    its real view)."""
+    return _MATH_DTYPES[dtype]
+
+
 def _name(describe, lst: str, i: int) -> str:
     return describe(lst, i) if describe is not None else f"{lst}[{i}]"
 
@@ -93,7 +134,7 @@ def _name(describe, lst: str, i: int) -> str:
 def _check(t, what: str, device: torch.device, dtypes) -> torch.Tensor:
     """A plain strided tensor on ``device`` with a dtype of ``dtypes``, whose storage holds
     all its elements."""
-    t = local_tensor(t, what)
+    t = _addressed(t, what)
     if t.layout != torch.strided:
         raise TypeError(f"{what} has layout {t.layout}; the kernels take strided (dense) tensors")
     if t.device != device:
@@ -202,21 +243,22 @@ def _check_blocks(t, what: str, p: torch.Tensor, pwhat: str) -> None:
                          f"{pwhat})")
 
 
-def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Verified:
+def _verify_full(params, grads, vectors, scalars, device_types, describe, wide) -> Verified:
     n = len(params)
     for name, lst, *_ in (("grads", grads),) + vectors + scalars:
         if lst is not None and len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} tensors, expected {n} (one per param)")
     if n == 0:
         return Verified(params, grads, [v[1] for v in vectors], [lst for _, lst in scalars])
-    p0 = local_tensor(params[0], _name(describe, "params", 0))
+    p0 = _addressed(params[0], _name(describe, "params", 0))
     device, dtype = p0.device, p0.dtype
     if device_types is not None and device.type not in device_types:
         raise ValueError(f"{_name(describe, 'params', 0)} is on {device}; this backend runs on "
                          f"{' or '.join(device_types)} tensors")
-    if dtype not in PARAM_DTYPES:
+    if dtype not in PARAM_DTYPES and not (wide and dtype in WIDE_DTYPES):
         raise TypeError(f"{_name(describe, 'params', 0)} has dtype {dtype}, expected "
                         f"torch.float32, torch.bfloat16 or torch.float16")
+    states = (state_dtype(dtype),)
     for i, p in enumerate(params):
         what = _name(describe, "params", i)
         _check(p, what, device, (dtype,))
@@ -228,7 +270,7 @@ def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Ver
         _check(g, what, device, (dtype,))
         _check_like(g, what, p, _name(describe, "params", i))
     for name, lst, *spec in vectors:
-        spec = spec[0] if spec else (_F32,)
+        spec = spec[0] if spec else states
         for i, (t, p) in enumerate(zip(lst or (), params)):
             what = _name(describe, name, i)
             if spec == BLOCKS:
@@ -247,7 +289,8 @@ def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Ver
 
 
 def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=None,
-                  describe=None, vouch: bool = False, fingerprint_only: bool = False):
+                  describe=None, vouch: bool = False, fingerprint_only: bool = False,
+                  wide: bool = False):
     """Verify one update bucket (fingerprint first, in full when it changed); raise
     TypeError/ValueError naming the tensor otherwise.  With ``fingerprint_only`` a changed
     fingerprint returns None instead (the optimizer layer then rebuilds its plan).
@@ -257,7 +300,9 @@ def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=
     dtypes its tensors may have (instead of fp32; the lean moments), or `BLOCKS` for an
     absmax list.  ``describe(list_name, index)`` names a tensor in
     the messages.  With ``vouch`` the result is left as a token for the launcher's call on
-    exactly these list objects (see `release`)."""
+    exactly these list objects (see `release`).  ``wide`` also admits params of
+    `WIDE_DTYPES` with states of their dtype: only for the `torch` backend, whose entry
+    points take no addresses (no compiled launcher passes it)."""
     lists = (params, grads) + tuple(entry[1] for entry in vectors + scalars)
     token = cache.pop(_TOKEN, None)
     if token is not None and len(token[0]) == len(lists) and all(map(_is, token[0], lists)):
@@ -271,7 +316,7 @@ def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=
     if fresh:
         if fingerprint_only:
             return None
-        record = _verify_full(params, grads, vectors, scalars, device_types, describe)
+        record = _verify_full(params, grads, vectors, scalars, device_types, describe, wide)
         cache[_RECORD] = record
     if vouch:
         cache[_TOKEN] = (lists, record)
@@ -331,7 +376,7 @@ def verify_norm(cache: dict, tensors, *, device_types=None) -> tuple[tuple, list
             return record.numels, ptrs
     if not tensors:
         raise ValueError("multi_tensor_norm needs at least one tensor")
-    t0 = local_tensor(tensors[0], "tensors[0]")
+    t0 = _addressed(tensors[0], "tensors[0]")
     if device_types is not None and t0.device.type not in device_types:
         raise ValueError(f"tensors[0] is on {t0.device}; this backend runs on "
                          f"{' or '.join(device_types)} tensors")
@@ -353,7 +398,7 @@ def scalar(value, what: str, device: torch.device):
     None (returned as is), or a one-element fp32 tensor on ``device`` (returned as is)."""
     if value is None or not isinstance(value, torch.Tensor):
         return value if value is None else float(value)
-    local_tensor(value, what)
+    _addressed(value, what)
     if value.layout != torch.strided or value.device != device or value.dtype != _F32 \
             or value.numel() != 1 or value.data_ptr() == 0:
         raise ValueError(f"{what} must be a one-element float32 tensor on {device}, got "

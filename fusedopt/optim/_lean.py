@@ -26,6 +26,7 @@ ABSMAX_KEYS = ("exp_avg_absmax", "exp_avg_sq_absmax")
 GROUP_KEYS = ("state_dtype", "param_rounding", "seed")
 ABSMAX_OF = dict(zip(MOMENT_KEYS, ABSMAX_KEYS))
 _F32, _BF16 = torch.float32, torch.bfloat16
+_ROUNDED = (torch.bfloat16, torch.float16)  # the param dtypes stochastic rounding applies to
 # the dtypes of (exp_avg, exp_avg_sq) per format
 MOMENT_DTYPES = {_F32: (_F32, _F32), _BF16: (_BF16, _BF16), torch.int8: (torch.int8, torch.uint8)}
 
@@ -60,11 +61,30 @@ def check_options(group) -> None:
                          f"param_rounding={rounding!r})")
 
 
+def asks_lean(group) -> bool:
+    """Whether a param group sets a lean option (lean moments or stochastic rounding)."""
+    return group["state_dtype"] != _F32 or group["param_rounding"] == "stochastic"
+
+
 def is_lean(group, dtype: torch.dtype, masters: bool) -> bool:
     """Whether a bucket of params of ``dtype`` runs the lean kernel: lean moments, or
     stochastic rounding of bf16/fp16 params without masters."""
     return group["state_dtype"] != _F32 or (
-        group["param_rounding"] == "stochastic" and dtype != _F32 and not masters)
+        group["param_rounding"] == "stochastic" and dtype in _ROUNDED and not masters)
+
+
+def holds_8bit(entry: dict, key: str) -> bool:
+    """Whether moment ``key`` of a state entry is 8-bit codes with their absmax."""
+    value = entry.get(key)
+    return (isinstance(value, torch.Tensor) and entry.get(ABSMAX_OF[key]) is not None
+            and value.dtype == MOMENT_DTYPES[torch.int8][MOMENT_KEYS.index(key)])
+
+
+def holds_lean(entry: dict, keys=MOMENT_KEYS) -> bool:
+    """Whether a state entry keeps one of the moments ``keys`` in a lean format (bf16, or
+    with an absmax key: 8-bit codes, or a stale one to drop)."""
+    return any(ABSMAX_OF[k] in entry or (isinstance(entry.get(k), torch.Tensor)
+                                         and entry[k].dtype == _BF16) for k in keys)
 
 
 # ---------------------------------------------------------------- formats

@@ -6,18 +6,27 @@ values moved to the param's device and cast -- with two differences: states stay
 checkpoint passed these checks, each naming the param index (its position in the
 checkpoint's groups) and the key:
 
-- a known state tensor (``max_exp_avg_sq``, ``master_param``, ``momentum_buffer``): a plain
-  tensor (TypeError otherwise) with data (not meta), of a dtype that casts to float32 (not
-  complex), of the param's shape (ValueError otherwise); it is copied into a new fp32 tensor
-  with the param's device and layout;
-- Adam's moments (``exp_avg``, ``exp_avg_sq``, and for 8-bit moments ``exp_avg_absmax``,
-  ``exp_avg_sq_absmax``): checked the same way for their format (fp32 / bf16 / 8-bit codes,
-  optim/_lean.py) and copied -- exactly when already in the group's ``state_dtype``,
-  converted otherwise (a torch checkpoint into an 8-bit optimizer is quantized);
+- a known state tensor (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``,
+  ``momentum_buffer``): a plain tensor (TypeError otherwise) with data (not meta), of a
+  dtype that casts to the param's state dtype (float32; a float64 / complex param's own
+  dtype), of the param's shape (ValueError otherwise); it is copied into a new tensor of
+  the state dtype with the param's device and layout (a sparse COO one, which torch's SGD
+  keeps for sparse gradients, made dense; for a DTensor param: a DTensor with its
+  placements, holding this rank's part of the value -- a plain tensor is taken as the full
+  value, a DTensor on another placement is redistributed);
+- Adam's moments in a lean format (bf16 ``exp_avg`` / ``exp_avg_sq``, or 8-bit codes with
+  their ``exp_avg_absmax`` / ``exp_avg_sq_absmax``), and every moment of a group whose
+  ``state_dtype`` is bf16 / int8: checked for their format (optim/_lean.py) and copied --
+  exactly when already in the group's ``state_dtype``, converted otherwise (a torch
+  checkpoint into an 8-bit optimizer is quantized); absmax keys without 8-bit moments are
+  dropped;
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
   created at the next step as at a first step; other keys are kept as they are;
+- a group without a key the optimizer has gets its default (``decoupled_weight_decay``:
+  False on FusedAdam, as torch's Adam does), and FusedAdamW sets
+  ``decoupled_weight_decay=True`` in every group, as torch's AdamW does;
 - the loaded hyper-parameters pass the same checks as the constructor's.
 """
 
@@ -29,9 +38,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks
-
-_F32 = torch.float32
+from fusedopt.optim import _checks, _distributed
 
 
 def load(opt, state_dict):
@@ -54,7 +61,8 @@ def load(opt, state_dict):
         group_of.update(dict.fromkeys(sg["params"], sg))
     for i, (g, sg) in enumerate(zip(groups, saved_groups)):
         for name, default in opt.defaults.items():
-            sg.setdefault(name, default)
+            sg.setdefault(name, opt._LOAD_DEFAULTS.get(name, default))
+        sg.update(opt._FORCED)
         try:
             opt._check_hyper_params(sg)
         except (TypeError, ValueError) as exc:
@@ -99,17 +107,26 @@ def _entry(opt, p, index, entry, group) -> dict:
 def _tensor(value, p, what) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
-    boundary.local_tensor(value, what)
-    if value.layout != torch.strided:
-        raise TypeError(f"{what} has layout {value.layout}, expected a strided tensor")
-    if value.is_quantized or value.is_complex() or not torch.can_cast(value.dtype, _F32):
-        raise TypeError(f"{what} has dtype {value.dtype}, which does not cast to torch.float32")
-    if value.device.type == "meta":
+    dtensor_param = _distributed.is_dtensor(p)
+    if _distributed.is_dtensor(value) and not dtensor_param:
+        raise TypeError(f"{what} is a DTensor, but its param is a plain tensor")
+    shard = boundary.local_tensor(value, what)
+    if shard.layout not in (torch.strided, torch.sparse_coo):
+        raise TypeError(f"{what} has layout {shard.layout}, expected a strided tensor")
+    target = boundary.state_dtype(p.dtype)
+    if shard.is_quantized or (shard.is_complex() and not target.is_complex) \
+            or not torch.can_cast(shard.dtype, target):
+        raise TypeError(f"{what} has dtype {shard.dtype}, which does not cast to {target}")
+    if shard.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor: it has no data to load")
+    if dtensor_param:  # this rank's shard of the value, in a DTensor like the param
+        return _distributed.like_param(p, _distributed.shard_of(value, p, what))
     if value.shape != p.shape:
         raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
                          f"(the param's shape)")
-    copy = torch.empty_like(p, dtype=_F32)
+    if value.layout == torch.sparse_coo:  # torch's SGD keeps sparse buffers for sparse grads
+        value = _checks.sparse_values(value.cpu(), what).to_dense()
+    copy = torch.empty_like(p, dtype=target)
     copy.copy_(value)
     return copy
 

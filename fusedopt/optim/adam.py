@@ -1,11 +1,11 @@
 """FusedAdam / FusedAdamW: multi-tensor Adam with in-kernel unscale, clipping and skip.
 
 One step equals ``torch.optim.Adam`` (L2 weight decay added to the gradient) or
-``torch.optim.AdamW`` (decoupled decay ``p *= 1 - lr·wd``) to fp32 rounding; the math is in
-the backends' ``adam_step`` (docs/architecture.md).  With memory-lean states
-(``state_dtype`` bf16 / int8, or ``param_rounding="stochastic"`` for bf16/fp16 params
-without masters) a bucket runs the backends' ``lean_adam_step`` instead (fusedopt/optim/
-_lean.py, docs/lean_states.md).
+``torch.optim.AdamW`` (decoupled decay ``p *= 1 - lr·wd``, the group's
+``decoupled_weight_decay``) to fp32 rounding; the math is in the backends' ``adam_step``
+(docs/architecture.md).  With memory-lean states (``state_dtype`` bf16 / int8, or
+``param_rounding="stochastic"`` for bf16/fp16 params without masters) a bucket runs the
+backends' ``lean_adam_step`` instead (fusedopt/optim/_lean.py, docs/lean_states.md).
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ import torch
 
 from fusedopt import backends
 from fusedopt.backends import _lean_tables
-from fusedopt.optim import _checks, _lean
-from fusedopt.optim._base import FusedOptimizer, _hyper
-from fusedopt.optim._plan import STATE_KEY, entry_of, step_state, vector_state
+from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.optim import _checks, _distributed, _lean, _traced
+from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._checks import group_number as _number
+from fusedopt.optim._scalars import hyper
+from fusedopt.optim._plan import (LOW_PRECISION, STATE_KEY, entry_of, master_copy, state_zeros,
+                                  step_state, vector_state)
 
 _F32 = torch.float32
 
@@ -27,24 +31,31 @@ class FusedAdam(FusedOptimizer):
     """Adam with L2 weight decay (``torch.optim.Adam``), fused; see docs/optimizers.md."""
 
     _OP = "adam"
-    _DECOUPLED = False
-    _STATE_KEYS = ("max_exp_avg_sq", "master_param")  # the moments: see _fo_load_moments
+    # exp_avg / exp_avg_sq in a lean format are loaded by _fo_load_moments first
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
     _STEP_KEY = True
+    # what torch's Adam sets in a loaded group that lacks the key (its __setstate__)
+    _LOAD_DEFAULTS = {"decoupled_weight_decay": False}
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 amsgrad=False, maximize=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 max_grad_norm=None, track_grad_norm=False, skip_nonfinite=False,
+                 master_weights=False, backend=None, process_group=None,
                  state_dtype=torch.float32, param_rounding="nearest", seed=None):
-        _checks.flag("capturable", capturable)
-        self.capturable = capturable  # accepted for torch parity: step() never syncs anyway
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay,
                         state_dtype=state_dtype, param_rounding=param_rounding,
                         seed=_lean.new_seed() if seed is None else seed)
         self._check_hyper_params(defaults)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm,
                          track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, backend=backend)
+                         master_weights=master_weights, backend=backend,
+                         process_group=process_group)
+        for gi, group in enumerate(self.param_groups):
+            self._lean_refusals(gi, group)
 
     def _check_hyper_params(self, group):
         _checks.lr(group["lr"])
@@ -53,6 +64,8 @@ class FusedAdam(FusedOptimizer):
         _checks.non_negative("weight_decay", group["weight_decay"])
         _checks.flag("amsgrad", group["amsgrad"])
         _checks.flag("maximize", group["maximize"])
+        _checks.flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+        _checks.torch_keywords(group, type(self).__name__)
         _lean.check_options(group)
 
     def _fo_visible(self, p, entry):
@@ -66,19 +79,20 @@ class FusedAdam(FusedOptimizer):
                 group["param_rounding"])
 
     def _state_lists(self, b, pending):
-        zeros = partial(torch.zeros_like, dtype=_F32)
-        masters = self.master_weights and b.dtype != _F32
+        masters = self.master_weights and b.dtype in LOW_PRECISION
         _lean.check_options(b.group)
+        self._lean_refusals(b.gi, b.group)
         if _lean.is_lean(b.group, b.dtype, masters):
             return self._lean_state_lists(b, pending, masters)
         converted = self._lean_to_fp32(b, pending)
         b.lists = {
-            "exp_avgs": converted.get("exp_avg") or vector_state(self, b, "exp_avg", pending, zeros),
+            "exp_avgs": (converted.get("exp_avg")
+                         or vector_state(self, b, "exp_avg", pending, state_zeros)),
             "exp_avg_sqs": (converted.get("exp_avg_sq")
-                            or vector_state(self, b, "exp_avg_sq", pending, zeros)),
-            "max_exp_avg_sqs": (vector_state(self, b, "max_exp_avg_sq", pending, zeros)
+                            or vector_state(self, b, "exp_avg_sq", pending, state_zeros)),
+            "max_exp_avg_sqs": (vector_state(self, b, "max_exp_avg_sq", pending, state_zeros)
                                 if b.group["amsgrad"] else None),
-            "master_params": (vector_state(self, b, "master_param", pending, _master_copy)
+            "master_params": (vector_state(self, b, "master_param", pending, master_copy)
                               if masters else None),
             "steps": step_state(self, b, pending),
         }
@@ -100,17 +114,18 @@ class FusedAdam(FusedOptimizer):
     def _hyper_args(self, b):
         group, device = b.group, b.device
         beta1, beta2 = group["betas"]
-        hyper = dict(lr=_hyper(group["lr"], device, "lr"), beta1=_hyper(beta1, device, "betas[0]"),
-                     beta2=_hyper(beta2, device, "betas[1]"), eps=float(group["eps"]),
-                     weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
-                     decoupled=self._DECOUPLED)
+        args = dict(lr=hyper(group["lr"], device, "lr"), beta1=hyper(beta1, device, "betas[0]"),
+                    beta2=hyper(beta2, device, "betas[1]"), eps=_number(group, "eps"),
+                    weight_decay=_number(group, "weight_decay"),
+                    maximize=bool(group["maximize"]),
+                    decoupled=bool(group["decoupled_weight_decay"]))
         if "streams" in b.lists:
             _lean.check_options(group)  # the values may have been changed since construction
-            hyper.update(stochastic_rounding=group["param_rounding"] == "stochastic",
-                         seed=group["seed"])
+            args.update(stochastic_rounding=group["param_rounding"] == "stochastic",
+                        seed=group["seed"])
         else:
-            hyper["amsgrad"] = bool(group["amsgrad"])
-        return hyper
+            args["amsgrad"] = bool(group["amsgrad"])
+        return args
 
     def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists
@@ -126,8 +141,73 @@ class FusedAdam(FusedOptimizer):
             lists["max_exp_avg_sqs"], lists["master_params"], lists["steps"], **hyper,
             inv_scale=inv_scale, clip_coef=clip_coef, skip=skip, cache=b.cache)
 
+    def _traced_lists(self, b):
+        masters = self.master_weights and b.dtype in LOW_PRECISION
+        if _lean.is_lean(b.group, b.dtype, masters):
+            raise RuntimeError(_LEAN_TRACED.format(gi=b.gi))
+        amsgrad = b.group["amsgrad"]
+        lists = b.lists = {"exp_avgs": [], "exp_avg_sqs": [], "max_exp_avg_sqs": [],
+                           "master_params": [], "steps": []}
+        for p, where in zip(b.params, b.wheres):
+            state = _traced.entry(self, p, where)
+            if _lean.holds_lean(state):
+                raise RuntimeError(_LEAN_TRACED.format(gi=b.gi))
+            lists["exp_avgs"].append(_traced.vector(state, "exp_avg", p, where, state_zeros))
+            lists["exp_avg_sqs"].append(
+                _traced.vector(state, "exp_avg_sq", p, where, state_zeros))
+            if amsgrad:
+                lists["max_exp_avg_sqs"].append(
+                    _traced.vector(state, "max_exp_avg_sq", p, where, state_zeros))
+            if masters:
+                lists["master_params"].append(
+                    _traced.vector(state, "master_param", p, where, master_copy))
+            lists["steps"].append(_traced.step_count(state, p, where))
+        if not amsgrad:
+            lists["max_exp_avg_sqs"] = None
+        if not masters:
+            lists["master_params"] = None
+
+    def _traced_hyper(self, b):
+        group = b.group
+        beta1, beta2 = group["betas"]
+        return (*_traced.scalar(group["lr"], "lr"), *_traced.scalar(beta1, "betas[0]"),
+                *_traced.scalar(beta2, "betas[1]"), _number(group, "eps"),
+                _number(group, "weight_decay"), bool(group["amsgrad"]), bool(group["maximize"]),
+                bool(group["decoupled_weight_decay"]))
+
+    def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
+        lists = b.lists
+        torch.ops.fusedopt.adam_step(
+            b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"],
+            lists["max_exp_avg_sqs"] or [], lists["master_params"] or [], lists["steps"], *hyper,
+            inv_scale, clip_coef, skip, b.backend, self._fo_store_id, b.gi, b.token)
 
     # ------------------------------------------------------------ memory-lean states
+
+    def _lean_refusals(self, gi, group):
+        """What lean states do not cover, refused by name before anything runs: a lean group
+        on torch.distributed (DTensor params or a process_group) and wide (fp64 / complex)
+        params with lean moments."""
+        if not _lean.asks_lean(group):
+            return
+        options = (f"state_dtype={group['state_dtype']}, "
+                   f"param_rounding={group['param_rounding']!r}")
+        dtensors = any(map(_distributed.is_dtensor, group["params"]))
+        if dtensors or self.process_group is not None:
+            reason = "DTensor params" if dtensors else "a process_group"
+            raise ValueError(
+                f"param group {gi} asks for memory-lean states ({options}) on torch.distributed "
+                f"({reason}): not supported (the 8-bit blocks and the random streams follow "
+                f"a whole param, not a shard); use state_dtype=torch.float32 and "
+                f"param_rounding='nearest' for this group")
+        if group["state_dtype"] != _F32:
+            for j, p in enumerate(group["params"]):
+                if isinstance(p, torch.Tensor) and p.dtype in boundary.WIDE_DTYPES:
+                    raise TypeError(
+                        f"param {j} of param group {gi} has dtype {p.dtype}; "
+                        f"state_dtype={group['state_dtype']} keeps the moments of float32, "
+                        f"bfloat16 and float16 params only (put {p.dtype} params in a param "
+                        f"group with state_dtype=torch.float32)")
 
     def _lean_state_lists(self, b, pending, masters):
         """The lists of a lean bucket: moments in the group's state_dtype (existing ones in
@@ -154,7 +234,7 @@ class FusedAdam(FusedOptimizer):
             "exp_avgs": moments["exp_avg"], "exp_avg_sqs": moments["exp_avg_sq"],
             "exp_avg_absmaxes": moments["exp_avg_absmax"] if quantized else None,
             "exp_avg_sq_absmaxes": moments["exp_avg_sq_absmax"] if quantized else None,
-            "master_params": (vector_state(self, b, "master_param", pending, _master_copy)
+            "master_params": (vector_state(self, b, "master_param", pending, master_copy)
                               if masters else None),
             "steps": step_state(self, b, pending),
             "streams": [offset + j for j in b.positions],
@@ -170,13 +250,8 @@ class FusedAdam(FusedOptimizer):
     def _lean_to_fp32(self, b, pending) -> dict:
         """Lean moments (bf16 / 8-bit) of a bucket that now runs with fp32 states, converted
         (written at commit): {key: list over the bucket} when any was, else {}."""
-        def lean(entry):
-            return any(k in entry for k in _lean.ABSMAX_KEYS) or any(
-                isinstance(entry.get(k), torch.Tensor) and entry[k].dtype == torch.bfloat16
-                for k in _lean.MOMENT_KEYS)
-
         entries = [entry_of(self, b, i) for i in range(len(b.params))]
-        if not any(map(lean, entries)):
+        if not any(map(_lean.holds_lean, entries)):
             return {}
         lists = {key: [] for key in _lean.MOMENT_KEYS}
         for i, (p, entry) in enumerate(zip(b.params, entries)):
@@ -185,7 +260,7 @@ class FusedAdam(FusedOptimizer):
             for key in _lean.MOMENT_KEYS:
                 if key not in new:
                     value = _checks.state_tensor(entry.get(key), key, p, b.where(i))
-                    new[key] = torch.zeros_like(p, dtype=_F32) if value is None else value
+                    new[key] = state_zeros(p) if value is None else value
                     if value is not None:
                         continue
                 pending.writes.append((p, key, new[key]))
@@ -203,36 +278,66 @@ class FusedAdam(FusedOptimizer):
         return mod
 
     def _fo_load_moments(self, p, index, entry, group) -> dict:
-        """The moments of a loaded entry in the group's state_dtype (lean_states.md): copies
-        of those already in it, conversions of the others; absent ones stay absent."""
+        """The lean moments of a loaded entry (lean_states.md): all moments when the group's
+        state_dtype is bf16 / int8 (copies of those already in it, conversions of the
+        others), else only bf16 and 8-bit ones, made fp32.  The others (fp32, a wide param's,
+        a DTensor param's) are left to the loader's state tensor checks; absmax keys are
+        dropped unless they belong to loaded 8-bit moments."""
         state_dtype = group["state_dtype"]
-        out = _lean.converted(entry, p, state_dtype,
-                              lambda k: f"the loaded state of param {index}, key {k!r},")
-        for key in _lean.MOMENT_KEYS:
-            if key in out or entry.get(key) is None:
+        def name(k):
+            return f"the loaded state of param {index}, key {k!r},"
+        out = dict.fromkeys(_lean.ABSMAX_KEYS)
+        if _distributed.is_dtensor(p) or p.dtype in boundary.WIDE_DTYPES:
+            for key in _lean.MOMENT_KEYS:
+                if _lean.holds_8bit(entry, key):
+                    raise ValueError(f"{name(key)} holds 8-bit moments, which a "
+                                     f"{'DTensor' if _distributed.is_dtensor(p) else p.dtype} "
+                                     f"param cannot keep; load "
+                                     f"fusedopt.optim.dequantize_state_dict(state_dict)")
+            return out
+        keys = [k for k in _lean.MOMENT_KEYS
+                if state_dtype != _F32 or _lean.holds_lean(entry, (k,))]
+        picked = {k: entry.get(k) for k in keys}
+        picked.update({_lean.ABSMAX_OF[k]: entry.get(_lean.ABSMAX_OF[k]) for k in keys})
+        out.update(_lean.converted(picked, p, state_dtype, name))
+        for key in keys:
+            if out.get(key) is not None or entry.get(key) is None:
                 continue
             out[key] = entry[key].to(device=p.device, copy=True)
             absmax = _lean.ABSMAX_OF[key]
             if state_dtype == torch.int8:
                 out[absmax] = entry[absmax].to(device=p.device, copy=True)
-        for key in _lean.ABSMAX_KEYS:  # dropped unless they belong to 8-bit moments
-            out.setdefault(key, None)
         return out
 
 
+_LEAN_TRACED = ("torch.compile of a fused Adam step with memory-lean states (param group "
+                "{gi}: state_dtype bfloat16 / int8, or param_rounding='stochastic' for "
+                "bfloat16 / float16 params without masters, or moments still in a lean format) "
+                "is not supported: the lean kernels are not custom ops. Run the step eagerly "
+                "(e.g. under torch.compiler.disable)")
+
+
 class FusedAdamW(FusedAdam):
-    """Adam with decoupled weight decay (``torch.optim.AdamW``), fused; see docs/optimizers.md."""
+    """Adam with decoupled weight decay (``torch.optim.AdamW``), fused; see docs/optimizers.md.
 
-    _DECOUPLED = True
+    As torch's AdamW, it is FusedAdam with ``decoupled_weight_decay=True``, which every
+    loaded or unpickled param group gets back."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
-                 amsgrad=False, maximize=False, max_grad_norm=None, track_grad_norm=False,
-                 skip_nonfinite=False, master_weights=False, capturable=False, backend=None,
+    _LOAD_DEFAULTS = {}
+    _FORCED = {"decoupled_weight_decay": True}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, max_grad_norm=None, track_grad_norm=False,
+                 skip_nonfinite=False, master_weights=False, backend=None, process_group=None,
                  state_dtype=torch.float32, param_rounding="nearest", seed=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad=amsgrad, maximize=maximize,
-                         max_grad_norm=max_grad_norm, track_grad_norm=track_grad_norm,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights,
-                         capturable=capturable, backend=backend, state_dtype=state_dtype,
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
+                         track_grad_norm=track_grad_norm, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights, backend=backend,
+                         process_group=process_group, state_dtype=state_dtype,
                          param_rounding=param_rounding, seed=seed)
 
 
@@ -240,8 +345,3 @@ def _drop_absmax(opt, p):
     entry = opt._fo_state.get(p)
     for key in _lean.ABSMAX_KEYS:
         entry.pop(key, None)
-
-
-def _master_copy(p):
-    """The fp32 master of a low-precision param, made from it (its layout kept)."""
-    return p.detach().to(_F32, copy=True)

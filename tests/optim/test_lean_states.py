@@ -160,6 +160,7 @@ def test_an_overflowing_step_changes_no_byte_and_creates_no_state(state_dtype):
     bad[1][0, 0] = float("inf")
     set_grads(params, bad)
     scaler.step(opt)
+    scaler.update()
     assert len(opt.state) == 0 and len(opt.state_dict()["state"]) == 0
     set_grads(params, make_grads(SHAPES, steps=1)[0])
     scaler.step(opt)

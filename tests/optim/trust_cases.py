@@ -1,7 +1,7 @@
 """Inputs that used to crash the process (out-of-bounds kernel accesses) or silently step
 with wrong tensors: odd checkpoints, edited state (trust_state_cases.py), swapped gradients
 and params, tensor subclasses, bad lists handed straight to a backend
-(trust_input_cases.py).  Run as a script in a subprocess (tests/optim/test_trust.py), so
+(trust_input_cases.py), DTensor params (trust_dtensor_cases.py).  Run as a script in a subprocess (tests/optim/test_trust.py), so
 that a crash is a test failure, not a dead pytest:
 
     python tests/optim/trust_cases.py BACKEND
@@ -17,6 +17,7 @@ import traceback
 
 import trust_state_cases  # noqa: F401  (registers its cases, in this order)
 import trust_input_cases  # noqa: F401,I001
+import trust_dtensor_cases  # noqa: F401,I001
 from trust_common import CASES
 
 
