@@ -66,6 +66,24 @@ def asks_lean(group) -> bool:
     return group["state_dtype"] != _F32 or group["param_rounding"] == "stochastic"
 
 
+def saved_name(state_dtype):
+    """``state_dtype`` as ``state_dict()`` saves it: its name ("torch.bfloat16"), since
+    torch.distributed.checkpoint's full state dicts take no torch.dtype values."""
+    return str(state_dtype) if isinstance(state_dtype, torch.dtype) else state_dtype
+
+
+def loaded_dtype(value):
+    """A loaded group's ``state_dtype``: a saved name made the dtype again (anything else
+    is left for `check_options` to judge)."""
+    if isinstance(value, str):
+        for dtype in STATE_DTYPES:
+            if value in (str(dtype), str(dtype).removeprefix("torch.")):
+                return dtype
+        raise ValueError(f"invalid state_dtype: {value!r} (expected 'torch.float32', "
+                         f"'torch.bfloat16' or 'torch.int8' in a checkpoint)")
+    return value
+
+
 def is_lean(group, dtype: torch.dtype, masters: bool) -> bool:
     """Whether a bucket of params of ``dtype`` runs the lean kernel: lean moments, or
     stochastic rounding of bf16/fp16 params without masters."""

@@ -64,6 +64,9 @@ def load(opt, state_dict):
             sg.setdefault(name, opt._LOAD_DEFAULTS.get(name, default))
         sg.update(opt._FORCED)
         try:
+            loaded_group = getattr(opt, "_fo_load_group", None)
+            if loaded_group is not None:  # Adam: the saved state_dtype name (optim/_lean.py)
+                loaded_group(sg)
             opt._check_hyper_params(sg)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"loaded parameter group {i}: {exc}") from None

@@ -277,6 +277,17 @@ class FusedAdam(FusedOptimizer):
             self._fo_backends[(device, "lean_adam")] = mod
         return mod
 
+    def state_dict(self):
+        """torch's state dict, with each group's ``state_dtype`` saved as its name."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            if "state_dtype" in group:
+                group["state_dtype"] = _lean.saved_name(group["state_dtype"])
+        return state_dict
+
+    def _fo_load_group(self, group) -> None:
+        group["state_dtype"] = _lean.loaded_dtype(group["state_dtype"])
+
     def _fo_load_moments(self, p, index, entry, group) -> dict:
         """The lean moments of a loaded entry (lean_states.md): all moments when the group's
         state_dtype is bf16 / int8 (copies of those already in it, conversions of the

@@ -178,3 +178,19 @@ def test_an_8bit_checkpoint_loads_into_an_fp32_group_decoded():
         assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], plain["state"][i][key])
+
+
+def test_state_dtype_is_saved_by_name_and_loaded_back():
+    """torch.distributed.checkpoint's full state dicts take no torch.dtype values: the
+    checkpoint holds the name (tests/distributed/test_dtensor_checkpoints.py runs them)."""
+    sd = _lean_checkpoint(torch.int8)
+    assert sd["param_groups"][0]["state_dtype"] == "torch.int8"
+    ps = make_params(SHAPES)
+    opt = fo.optim.FusedAdamW(ps, lr=1e-2)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["state_dtype"] == torch.int8
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.int8
+    sd["param_groups"][0]["state_dtype"] = "torch.float16"
+    with pytest.raises(ValueError, match=r"loaded parameter group 0: invalid state_dtype: "
+                                         r"'torch.float16'"):
+        fo.optim.FusedAdamW(make_params(SHAPES)).load_state_dict(sd)
