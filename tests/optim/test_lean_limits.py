@@ -194,3 +194,24 @@ def test_state_dtype_is_saved_by_name_and_loaded_back():
     with pytest.raises(ValueError, match=r"loaded parameter group 0: invalid state_dtype: "
                                          r"'torch.float16'"):
         fo.optim.FusedAdamW(make_params(SHAPES)).load_state_dict(sd)
+
+
+# ------------------------------------------------------------------ decoupled weight decay
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.int8])
+def test_decoupled_weight_decay_of_a_group_chooses_the_lean_decay(state_dtype):
+    """The lean step decays like AdamW exactly when the group's decoupled_weight_decay is
+    True: FusedAdam with the key equals FusedAdamW bit for bit, without it (L2) it differs."""
+    grads = make_grads(SHAPES, steps=3)
+    runs = {}
+    for name, cls, kwargs in (("adamw", fo.optim.FusedAdamW, {}),
+                              ("adam_decoupled", fo.optim.FusedAdam,
+                               dict(decoupled_weight_decay=True)),
+                              ("adam_l2", fo.optim.FusedAdam, {})):
+        ps = make_params(SHAPES)
+        opt = cls(ps, lr=1e-2, weight_decay=0.5, state_dtype=state_dtype, seed=5,
+                  backend="torch", **kwargs)
+        train(opt, ps, grads)
+        runs[name] = [p.detach().clone() for p in ps]
+    assert_bit_identical(runs["adamw"], runs["adam_decoupled"])
+    assert not all(torch.equal(a, b) for a, b in zip(runs["adamw"], runs["adam_l2"]))
