@@ -57,6 +57,17 @@ class FusedAdam(FusedOptimizer):
         for gi, group in enumerate(self.param_groups):
             self._lean_refusals(gi, group)
 
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if "skipped_steps" not in self.__dict__:
+            return  # during construction, which checks every group at its end
+        try:
+            self._lean_refusals(len(self.param_groups) - 1, self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            self._fo_resolve_norm_group()
+            raise
+
     def _check_hyper_params(self, group):
         _checks.lr(group["lr"])
         _checks.betas(group["betas"])

@@ -51,6 +51,17 @@ def test_a_lean_group_with_dtensor_params_is_refused_at_construction():
         fo.optim.FusedAdamW(_dtensor_params(), state_dtype=torch.int8)
 
 
+def test_a_lean_group_added_to_an_optimizer_on_a_process_group_is_refused():
+    opt = fo.optim.FusedAdamW(make_params(SHAPES), process_group=_world())
+    with pytest.raises(ValueError, match=r"param group 1 asks for memory-lean states"):
+        opt.add_param_group({"params": make_params(SHAPES, seed=4),
+                             "param_rounding": "stochastic"})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(TypeError, match=r"param 0 of param group 1 has dtype torch\.float64"):
+        fo.optim.FusedAdamW(make_params(SHAPES), state_dtype=torch.int8).add_param_group(
+            {"params": make_params(SHAPES, dtype=torch.float64)})
+
+
 def test_a_lean_option_set_later_on_a_process_group_is_refused_at_the_step():
     ps = make_params(SHAPES)
     opt = fo.optim.FusedAdamW(ps, lr=1e-2, process_group=_world(), backend="cpu")
