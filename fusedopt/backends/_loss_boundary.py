@@ -13,10 +13,11 @@ data, no device sync): a few microseconds per call.
 What is verified, for every tensor:
 - its type is exactly ``torch.Tensor`` or ``torch.nn.Parameter`` (a plain tensor with a
   flag); any other subclass -- DTensor, FakeTensor, a wrapper subclass whose data pointer
-  is not its data -- is refused with a TypeError;
+  is not its data -- is refused with a TypeError (`_plain.plain`, shared with the
+  optimizer boundary);
 - a strided, non-negated layout on the device the kernel runs on (the same for all the
-  tensors of a call), every element it spans inside its storage (a storage resized to 0
-  or shrunk under a view is refused);
+  tensors of a call), every element it spans inside its storage (`_plain.check_storage`:
+  a storage resized to 0 or shrunk under a view is refused);
 - its dtype, shape, and the strides the kernel walks.  A dimension of size 1 may have any
   stride (it is never stepped over): such tensors are passed with the stride the kernel
   would use for a contiguous one.
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+from fusedopt.backends._plain import check_storage, plain
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -47,31 +50,18 @@ def plain_tensor(op: str, name: str, t, device: torch.device | None = None,
                  device_types: tuple[str, ...] = ()) -> torch.Tensor:
     """`t` is a plain strided tensor whose memory the kernel may address directly: on
     `device` when given, else on a device of one of `device_types` when given."""
-    if type(t) not in _PLAIN_TYPES:
-        what = type(t).__name__ if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
-        raise TypeError(
-            f"{op}: {name} must be a plain torch.Tensor, got {what}; tensor subclasses "
-            f"(DTensor, FakeTensor, ...) cannot be handed to a compiled kernel -- pass the "
-            f"local tensor")
+    what = f"{op}: {name}"
+    plain(t, what)
     if t.layout != torch.strided:
-        raise ValueError(f"{op}: {name} must be a strided (dense) tensor, got layout {t.layout}")
+        raise ValueError(f"{what} must be a strided (dense) tensor, got layout {t.layout}")
     if t.is_neg():
-        raise ValueError(f"{op}: {name} is a lazily negated view; pass {name}.resolve_neg()")
+        raise ValueError(f"{what} is a lazily negated view; pass {name}.resolve_neg()")
     if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the logits' "
-                         f"device)")
+        raise ValueError(f"{what} is on {t.device}, expected {device} (the logits' device)")
     if device_types and t.device.type not in device_types:
-        raise ValueError(f"{op}: {name} is on {t.device}; this backend runs on "
+        raise ValueError(f"{what} is on {t.device}; this backend runs on "
                          f"{' or '.join(device_types)} tensors")
-    if t.numel() > 0:
-        last = t.storage_offset()
-        for n, st in zip(t.shape, t.stride()):
-            last += (n - 1) * st
-        nbytes = t.untyped_storage().nbytes()
-        if (last + 1) * t.element_size() > nbytes:
-            raise ValueError(f"{op}: {name} reaches past the end of its storage ({nbytes} "
-                             f"bytes for shape {tuple(t.shape)}, strides {t.stride()}, offset "
-                             f"{t.storage_offset()}): was the storage freed or resized?")
+    check_storage(t, what)
     return t
 
 

@@ -15,7 +15,8 @@ Full verification, for one bucket (see docs/architecture.md, "The kernel boundar
   which the optimizers unwrap before they build the lists; every other subclass, FakeTensor
   or any ``__torch_dispatch__`` / ``__torch_function__`` one, is refused);
 - strided layout, no lazy negation/conjugation, on the bucket's device (of a type the
-  backend runs on), with a data pointer and a storage that covers its elements;
+  backend runs on), with a data pointer and a storage that covers its elements (the type
+  and storage checks are `_plain`'s, shared with the loss boundary);
 - params dense, fp32/bf16/fp16; grads of the params' dtype; states and masters fp32;
   step counters / flags 0-dim fp32; every grad, state and master of param i has param i's
   shape and strides (a dimension of size 1 may have any stride); list lengths equal.
@@ -38,7 +39,9 @@ import sys
 
 import torch
 
-PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+# PLAIN_TYPES: re-exported for fusedopt.optim
+from fusedopt.backends._plain import PLAIN_TYPES, check_storage, plain  # noqa: F401
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
 _TOKEN = "boundary_token"
@@ -121,17 +124,7 @@ def _check(t, what: str, device: torch.device, dtypes) -> torch.Tensor:
         raise TypeError(f"{what} has dtype {t.dtype}, expected {expected}")
     if t.is_neg() or t.is_conj():
         raise ValueError(f"{what} is a lazily negated view; pass a resolved tensor")
-    n = t.numel()
-    if n == 0:
-        return t
-    if t.data_ptr() == 0:
-        raise ValueError(f"{what} has {n} elements but no data (a meta tensor, or its storage "
-                         f"was freed)")
-    extent = t.storage_offset() + 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    have = t.untyped_storage().nbytes()
-    if have < extent * t.element_size():
-        raise ValueError(f"{what} needs {extent * t.element_size()} bytes of storage but its "
-                         f"storage holds {have} (resized in place?)")
+    check_storage(t, what)
     return t
 
 
