@@ -185,3 +185,68 @@ def scaled_grad(op: str, grad, scale, device_types: tuple[str, ...]) -> None:
     if scale.dtype != torch.float32 or scale.numel() != 1:
         raise ValueError(f"{op}: scale must be one fp32 value, got {scale.dtype} shape "
                          f"{tuple(scale.shape)}")
+
+
+_ignore_index_arg, _softcap_arg = ignore_index, softcap  # (shadowed by vocab_shard's keywords)
+
+
+class VocabShard(NamedTuple):
+    """What a vocab-parallel kernel is told about one verified call (strides in elements)."""
+
+    n_rows: int
+    n_cols: int
+    row_stride: int  # of the logits (and of the gradient with ``inplace``)
+    target_stride: int  # the row stride of probability targets, 0 for class indices
+    class_offset: int
+    num_classes: int
+    ignore_index: int
+    label_smoothing: float
+    softcap: float | None
+
+
+def vocab_shard(op: str, logits, target, weight, coefs=None, *, class_offset, num_classes,
+                ignore_index, label_smoothing, softcap, soft_target,
+                device_types: tuple[str, ...]) -> VocabShard:
+    """Every tensor and number of one call of a vocab-parallel entry point
+    (``vocab_parallel_row_stats``, or ``vocab_parallel_grad`` when ``coefs`` is given), for
+    any compiled backend: (N, C_local) logits as for `rows` (C_local may be 0), class
+    targets or probability targets of the logits' layout, this rank's (C_local,) fp32
+    weight slice or None, (N, 5) contiguous fp32 coefficients, the local classes inside
+    [0, num_classes), and the scalars in the ranges the kernels compute right."""
+    plain_tensor(op, "logits", logits, device_types=device_types)
+    _dtype(op, "logits", logits, LOGIT_DTYPES)
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be (N, C_local), got shape {tuple(logits.shape)}")
+    n_rows, n_cols = logits.shape
+    row_stride = row_layout(op, "logits", logits) if n_cols else 0
+    device = logits.device
+    if soft_target:
+        plain_tensor(op, "target", target, device)
+        if target.dtype != logits.dtype or target.shape != logits.shape:
+            raise ValueError(f"{op}: soft targets must have the logits' shape and dtype "
+                             f"{logits.dtype} {tuple(logits.shape)}, got {target.dtype} "
+                             f"{tuple(target.shape)}")
+        target_stride = row_layout(op, "target", target) if n_cols else 0
+    else:
+        class_targets(op, target, n_rows, device)
+        target_stride = 0
+    class_vector(op, "weight", weight, n_cols, device)
+    if coefs is not None:
+        plain_tensor(op, "coefs", coefs, device)
+        if coefs.dtype != torch.float32 or coefs.shape != (n_rows, 5) or \
+                not coefs.is_contiguous():
+            raise ValueError(f"{op}: coefs must be contiguous fp32 ({n_rows}, 5), got "
+                             f"{coefs.dtype} shape {tuple(coefs.shape)} strides "
+                             f"{coefs.stride()}")
+    for name, value in (("class_offset", class_offset), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if not (0 <= class_offset and class_offset + n_cols <= num_classes <= INT64_MAX
+            and num_classes >= 1):
+        raise ValueError(f"{op}: the local classes [class_offset, class_offset + C_local) = "
+                         f"[{class_offset}, {class_offset + n_cols}) must lie in "
+                         f"[0, num_classes) = [0, {num_classes})")
+    return VocabShard(n_rows, n_cols, row_stride, target_stride, int(class_offset),
+                      int(num_classes), _ignore_index_arg(op, ignore_index),
+                      fp32_finite(op, "label_smoothing", label_smoothing),
+                      _softcap_arg(op, softcap))
