@@ -200,13 +200,14 @@ FO_LOSS_HD float softcap_slope(float capped, float cap) {
 }
 
 // Fold x into a lane's (max m, d = sum exp(x_k - m)) with one exponential: the smaller of
-// (m, x) is shifted by the larger. -inf logits add nothing; a NaN logit makes d NaN.
+// (m, x) is shifted by the larger. -inf logits add nothing; a NaN logit makes d NaN, also
+// when it is the first value of its lane (m still -inf: e = exp(NaN), not the 0 of a -inf).
 FO_LOSS_HD void lse_fold(float& m, float& d, float x) {
   const bool up = x > m;
   const float hi = up ? x : m;
   const float lo = up ? m : x;
   const float shifted = fexp_nonpos(lo - hi);
-  const float e = hi == -kInf ? 0.0f : shifted;
+  const float e = (hi == -kInf) & (lo == lo) ? 0.0f : shifted;
   const float d_up = d * e + 1.0f;
   const float d_same = d + e;
   d = up ? d_up : d_same;
