@@ -25,7 +25,8 @@ Fingerprint.  A verified bucket keeps a `Verified` record in the backend's ``cac
 at every call the tensors are compared with it and fully verified again only when it
 differs.  Compared per call, with ``map`` over the tensors' C methods (docs/optimizers.md
 has the measured cost): params -- identity, data pointer, strides (a param reshaped in
-place shows in its gradient); grads -- type, dtype, device, sizes, strides, data pointer;
+place shows in its gradient); grads -- type, dtype, device, sizes, strides, data pointer,
+and that each still lies inside its storage (a gradient's storage may be freed under it);
 states -- identity, data pointer, element count.  The record keeps the
 verified state storages alive, so a state tensor whose pointer did not change still points
 into memory of the verified size.  A bucket the optimizer layer verified is "vouched" for:
@@ -40,7 +41,8 @@ import sys
 import torch
 
 # PLAIN_TYPES: re-exported for fusedopt.optim
-from fusedopt.backends._plain import PLAIN_TYPES, check_storage, plain  # noqa: F401
+from fusedopt.backends._plain import (PLAIN_TYPES, check_storage,  # noqa: F401
+                                      plain, storage_span)
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _F32 = torch.float32
@@ -52,6 +54,22 @@ _T = torch.Tensor
 _ptr, _size, _stride, _numel = _T.data_ptr, _T.size, _T.stride, _T.numel
 _dtype_of, _device_of, _is_cpu = _T.dtype.__get__, _T.device.__get__, _T.is_cpu.__get__
 _is = operator.is_
+_offset, _storage, _nbytes = _T.storage_offset, _T.untyped_storage, torch.UntypedStorage.nbytes
+_add, _mul, _gt = operator.add, operator.mul, operator.gt
+
+
+def storage_spans(tensors) -> list[int]:
+    """Per tensor, the elements from its storage offset to its last element (0 if empty)."""
+    return [storage_span(t) // t.element_size() - t.storage_offset() if t.numel() else 0
+            for t in tensors]
+
+
+def inside_storages(tensors, spans, item_sizes) -> bool:
+    """Every tensor still lies inside its storage: (offset + span) * item size <= nbytes.
+    Read per call for the gradients (new tensors every step, whose storage may have been
+    freed or shrunk under them): about 0.1 us per tensor, C methods through map."""
+    need = map(_mul, map(_add, map(_offset, tensors), spans), item_sizes)
+    return not any(map(_gt, need, map(_nbytes, map(_storage, tensors))))
 
 
 def local_tensor(t, what: str) -> torch.Tensor:
@@ -144,7 +162,7 @@ class Verified:
 
     __slots__ = ("n", "params", "sizes", "strides", "grad_types", "dtypes", "devices", "on_cpu",
                  "numels", "states", "state_numels", "ptr_key", "grad_ptrs", "storages",
-                 "empty")
+                 "empty", "grad_spans", "item_sizes")
 
     def __init__(self, params, grads, vectors, scalars):
         n = self.n = len(params)
@@ -166,6 +184,8 @@ class Verified:
         self.ptr_key = (tuple(map(_ptr, params)),) + tuple(
             None if lst is None else tuple(map(_ptr, lst)) for lst in states)
         self.grad_ptrs = list(map(_ptr, grads))
+        self.grad_spans = storage_spans(grads)
+        self.item_sizes = [params[0].element_size()] * n if n else []
         self.storages = [t.untyped_storage() for lst in states if lst is not None for t in lst]
 
     def matches(self, params, grads, states) -> bool:
@@ -188,6 +208,8 @@ class Verified:
             return False
         grad_ptrs = list(map(_ptr, grads))
         if 0 in grad_ptrs and any(a == 0 and i not in self.empty for i, a in enumerate(grad_ptrs)):
+            return False
+        if not inside_storages(grads, self.grad_spans, self.item_sizes):
             return False
         for lst, refs, numels, ptrs in zip(states, self.states, self.state_numels, self.ptr_key[1:]):
             if lst is None or refs is None:
@@ -283,7 +305,8 @@ def release(cache: dict) -> None:
 class _NormRecord:
     """The fingerprint of a verified norm list (no references to the tensors)."""
 
-    __slots__ = ("types", "dtypes", "devices", "sizes", "strides", "numels", "empty")
+    __slots__ = ("types", "dtypes", "devices", "sizes", "strides", "numels", "empty", "spans",
+                 "item_sizes")
 
     def __init__(self, tensors):
         self.types = list(map(type, tensors))
@@ -293,6 +316,8 @@ class _NormRecord:
         self.strides = list(map(_stride, tensors))
         self.numels = tuple(map(_numel, tensors))
         self.empty = {i for i, k in enumerate(self.numels) if k == 0}
+        self.spans = storage_spans(tensors)
+        self.item_sizes = [t.element_size() for t in tensors]
 
     def pointers(self, tensors):
         """The data pointers when the tensors have the verified metadata, else None."""
@@ -303,6 +328,8 @@ class _NormRecord:
             return None
         ptrs = list(map(_ptr, tensors))
         if 0 in ptrs and any(a == 0 and i not in self.empty for i, a in enumerate(ptrs)):
+            return None
+        if not inside_storages(tensors, self.spans, self.item_sizes):
             return None
         return ptrs
 

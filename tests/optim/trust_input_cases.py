@@ -9,7 +9,7 @@ import torch
 
 import fusedopt as fo
 from fusedopt import backends
-from trust_common import (BF16, BIG, Sub, case, device_of, params_on, seeded_grads,
+from trust_common import (BF16, BIG, Sub, case, device_of, params_on, refused, seeded_grads,
                           step_refused, stepped_adam, stepped_sgd)
 
 # ------------------------------------------------------------------ gradients and params
@@ -76,6 +76,26 @@ def param_swapped_or_freed(b):
     else:
         raise AssertionError("freed storage not refused")
     assert all(torch.equal(a, p) for a, p in zip(before, ps[:2]))
+
+
+@case
+def gradient_storage_freed_or_shrunk_after_a_verified_step(b):
+    """A gradient that is a view into a storage freed (resize_(0)) or shrunk afterwards, at
+    an offset, so its data pointer is not 0 (found by the fuzz suite: the per-step
+    fingerprint compared the gradients' metadata, not their storages, and the step read
+    freed memory -- a crash on cpu and torch)."""
+    for size in (0, 8):
+        for make in (stepped_adam, stepped_sgd):
+            ps, opt = make(b)
+            opt.step()  # the bucket is verified and fingerprinted with ordinary gradients
+            g = ps[1].grad
+            big = torch.zeros(g.numel() + 4, dtype=g.dtype, device=g.device)
+            view = big[4:].view(g.shape)
+            view.copy_(g)
+            ps[1].grad = view
+            big.untyped_storage().resize_(size)
+            refused(opt, ps, opt.step, ValueError,
+                    "gradient of param 1 of param group 0 reaches past the end of its storage")
 
 
 def _subclass_params():
