@@ -134,6 +134,8 @@ def grad(g, p, where, optimizer) -> bool:
                          f"{tuple(p.shape)} (the param's shape)")
     if shard.is_neg() or shard.is_conj():
         raise ValueError(f"the gradient of {where} is a lazily negated view")
+    # before a gradient laid out unlike its param is copied (which reads it)
+    boundary.check_storage(shard, f"the gradient of {where}")
     if dtensor_param:
         return _distributed.check_grad(g, p, where)
     return not boundary.same_layout(g, p)

@@ -179,6 +179,7 @@ def _copies(b: Bucket, grads) -> list:
         if type(g) not in boundary.PLAIN_TYPES or g.layout != torch.strided \
                 or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
             raise ValueError("gradient changed")
+        boundary.check_storage(g, "gradient")  # the copy reads it (a freed storage: refused)
         copy = torch.empty_like(p)
         copy.copy_(g)
         out[k] = copy
