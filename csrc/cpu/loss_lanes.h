@@ -122,12 +122,12 @@ struct LaneLse {
   FO_LANES_INLINE void fold(const float* x) {
     for (int l = 0; l < kLanes; ++l) loss_math::lse_fold(m[l], d[l], x[l]);
   }
-  // Row max and sum_j exp(x_j - row max), lanes merged in order.
+  // Row max and sum_j exp(x_j - row max), lanes merged in order (NaN for a +inf max).
   FO_LANES_INLINE void finish(float& row_max, float& sum) const {
     float mm = m[0], dd = d[0];
     for (int l = 1; l < kLanes; ++l) loss_math::lse_merge(mm, dd, m[l], d[l]);
     row_max = mm;
-    sum = dd;
+    sum = loss_math::lse_sum_at_max(mm, dd);
   }
 };
 

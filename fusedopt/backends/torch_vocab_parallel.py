@@ -102,9 +102,11 @@ def vocab_parallel_grad(logits, target, weight, coefs, *, class_offset, num_clas
         local, owned = _local_targets(target, class_offset, n_local, ignore_index)
         if n_local > 0:
             grad.scatter_add_(1, local[:, None], -torch.where(owned, b, 0.0)[:, None])
-        grad.masked_fill_((target.long() == ignore_index)[:, None], 0.0)
     if capped is not None:
         grad.mul_(1.0 - capped * capped)
+    if not soft_target:
+        # after the soft-capping factor, which is NaN at a NaN logit of an ignored row
+        grad.masked_fill_((target.long() == ignore_index)[:, None], 0.0)
     if inplace:
         logits.copy_(grad)
         return logits

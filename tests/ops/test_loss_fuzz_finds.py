@@ -2,9 +2,12 @@
 public API, against torch (float64) or the documented rule:
 - a NaN logit that was the first value one of the cpu kernels' lanes saw was dropped (the
   online log-sum-exp took it for a -inf): the row's loss was finite instead of NaN;
+- a +inf logit gave the cpu kernels an infinite loss and a finite gradient where torch
+  (and the torch and triton backends) give NaN for the row;
 - the `torch` backend's vocab-parallel gradient compared int32/uint8 class targets with an
   ignore_index beyond their range after wrapping it (a target 0 with ignore_index 2**32 was
-  treated as ignored);
+  treated as ignored), and its soft-capping factor made the gradient of an ignored row
+  with a NaN logit NaN;
 - fo.vocab_parallel_cross_entropy took z_loss and softcap values the fp32 kernels cannot
   compute right (cross_entropy refuses them);
 - a view of a freed storage (as FSDP frees memory) given to a loss: (N, C, d..) inputs were
@@ -47,6 +50,27 @@ def test_nan_logit_first_in_its_lane_gives_a_nan_loss(backend, column):
     assert torch.isnan(got[0]) and torch.isfinite(got[1:]).all(), got
 
 
+@pytest.mark.parametrize("target_on_inf", (False, True))
+def test_plus_inf_logit_gives_a_nan_row_as_torch(backend, target_on_inf):
+    device = require_op(backend, "cross_entropy")
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(1))
+    x[0, 3] = float("inf")
+    y = torch.tensor([3 if target_on_inf else 7, 2, 3])
+    x, y = x.to(device), y.to(device)
+    x64 = x.cpu().double().requires_grad_()
+    want = F.cross_entropy(x64, y.cpu(), reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), x64)
+    assert torch.isnan(want[0]) and torch.isnan(want_grad[0]).all()
+    for kw in (dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3)):
+        xg = x.clone().requires_grad_()
+        got = fo.cross_entropy(xg, y, reduction="none", backend=backend, **kw)
+        (grad,) = torch.autograd.grad(got.sum(), xg)
+        assert torch.isnan(got[0]) and torch.isfinite(got[1:]).all(), (kw, got)
+        assert torch.isnan(grad[0]).all() and torch.isfinite(grad[1:]).all(), (kw, grad[0])
+    got = fo.focal_loss(x, y, reduction="none", backend=backend)
+    assert torch.isnan(got[0]) and torch.isfinite(got[1:]).all(), got
+
+
 @pytest.mark.parametrize("column", (0, 16))
 def test_nan_logit_first_in_its_lane_vocab_parallel(backend, column):
     """The vocab-parallel row statistics use the same online log-sum-exp."""
@@ -60,6 +84,22 @@ def test_nan_logit_first_in_its_lane_vocab_parallel(backend, column):
     y[0] = column + 1
     losses, grad = emulate(backends.get(backend), x, y, None, [0, 20, 40])
     assert torch.isnan(losses[0][0]) and torch.isfinite(losses[0][1:][y[1:] != IGNORE]).all()
+
+
+def test_ignored_soft_capped_nan_row_has_a_zero_vocab_parallel_gradient(backend):
+    """An ignored row's gradient is 0 whatever its logits: the `torch` backend's soft-capping
+    factor (NaN at a NaN logit) was applied after the ignored rows were zeroed."""
+    from test_vocab_parallel_shards import emulate, inputs
+
+    device = require_op(backend, "vocab_parallel_cross_entropy")
+    from fusedopt import backends
+
+    x, y, w = inputs(device, n_rows=3, n_classes=40)
+    x[0, 5] = NAN
+    y[0] = IGNORE
+    losses, grad = emulate(backends.get(backend), x, y, None, [0, 20, 40], softcap=3.0)
+    assert torch.equal(grad[0], torch.zeros_like(grad[0])), grad[0]
+    assert torch.isfinite(grad[1:]).all() and all(loss[0] == 0 for loss in losses), losses
 
 
 @pytest.mark.parametrize("dtype", (torch.int32, torch.uint8))

@@ -226,6 +226,13 @@ FO_LOSS_HD void lse_merge(float& m, float& d, float m2, float d2) {
   m = hi;
 }
 
+// The merged sum of a row, NaN when its max is +inf: torch's log-softmax is then NaN for
+// the whole row (x - lse = inf - inf), while the online sum would be finite (exp(x - inf)
+// = 0 for the finite logits, 1 for the +inf one) and give an infinite loss.
+FO_LOSS_HD float lse_sum_at_max(float row_max, float sum) {
+  return row_max == kInf ? bits_as_float(0x7fc00000u) : sum;
+}
+
 // p_j = exp(x_j - row_max) / sum_k exp(x_k - row_max), with the division folded into a
 // per-row coefficient (coef = a / sum gives p_j a): more accurate than exp(x - lse), whose
 // argument carries the rounding of lse.
