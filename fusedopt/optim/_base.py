@@ -23,6 +23,7 @@ the optimizer's ``process_group`` by one all-reduce between phases 2 and 3.
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 from numbers import Real
 
@@ -36,6 +37,7 @@ from fusedopt.optim._plan import prepare
 from fusedopt.optim._state import StateMixin
 
 _F32 = torch.float32
+_FP32_MAX = torch.finfo(_F32).max
 
 
 def _to(value, device):
@@ -51,6 +53,17 @@ def _to(value, device):
     return value if value.dtype == _F32 else value.to(_F32)
 
 
+def _number(value, name):
+    """A number hyper-parameter as the kernels take it (a Python float), read at each step:
+    a finite value beyond fp32 (an edited ``param_groups`` entry) is refused, as at
+    construction -- it would silently become inf in the fp32 kernels."""
+    v = float(value)
+    if abs(v) > _FP32_MAX and v == v and abs(v) != math.inf:
+        raise ValueError(f"invalid {name}: {v!r} (a finite value must be representable in "
+                         f"fp32, |value| <= {_FP32_MAX:.6e})")
+    return v
+
+
 def _hyper(value, device, name="lr"):
     """lr / a beta as a backend takes it: a Python float, or a 0-dim fp32 tensor on device.
 
@@ -60,7 +73,7 @@ def _hyper(value, device, name="lr"):
     if not isinstance(value, torch.Tensor):
         if not isinstance(value, Real) or isinstance(value, bool):
             raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
-        return float(value)
+        return _number(value, name)
     if value.numel() != 1 or not value.is_floating_point() or type(value) not in boundary.PLAIN_TYPES:
         raise TypeError(f"{name} as a tensor must be a plain one-element floating-point tensor, "
                         f"got {type(value).__name__} of shape {tuple(value.shape)}, {value.dtype}")

@@ -17,6 +17,7 @@ from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim import _distributed
 
 PARAM_DTYPES = boundary.PARAM_DTYPES
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _is_real(value) -> bool:
@@ -31,10 +32,17 @@ def _scalar(name, value, *, tensor_ok):
         if value.numel() != 1 or not value.is_floating_point():
             raise TypeError(f"{name} as a tensor must have one floating-point element, "
                             f"got shape {tuple(value.shape)} dtype {value.dtype}")
-        return float(value.detach().reshape(()).item())
-    if not _is_real(value):
+        v = float(value.detach().reshape(()).item())
+    elif not _is_real(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    else:
+        v = float(value)
+    if math.isfinite(v) and abs(v) > _FP32_MAX:
+        # the kernels compute in fp32: it would silently become inf there (and make torch's
+        # own ops raise a RuntimeError)
+        raise ValueError(f"invalid {name}: {v!r} (a finite value must be representable in "
+                         f"fp32, |value| <= {_FP32_MAX:.6e})")
+    return v
 
 
 def lr(value, name="lr"):

@@ -12,7 +12,7 @@ from functools import partial
 import torch
 
 from fusedopt.optim import _checks
-from fusedopt.optim._base import FusedOptimizer, _hyper
+from fusedopt.optim._base import FusedOptimizer, _hyper, _number
 from fusedopt.optim._plan import STATE_KEY, step_state, vector_state
 
 _F32 = torch.float32
@@ -82,8 +82,9 @@ class FusedAdam(FusedOptimizer):
         group, device = b.group, b.device
         beta1, beta2 = group["betas"]
         return dict(lr=_hyper(group["lr"], device, "lr"), beta1=_hyper(beta1, device, "betas[0]"),
-                    beta2=_hyper(beta2, device, "betas[1]"), eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                    beta2=_hyper(beta2, device, "betas[1]"), eps=_number(group["eps"], "eps"),
+                    weight_decay=_number(group["weight_decay"], "weight_decay"),
+                    amsgrad=bool(group["amsgrad"]),
                     maximize=bool(group["maximize"]), decoupled=self._DECOUPLED)
 
     def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):

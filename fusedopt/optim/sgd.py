@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from fusedopt.optim import _checks
-from fusedopt.optim._base import FusedOptimizer, _hyper
+from fusedopt.optim._base import FusedOptimizer, _hyper, _number
 from fusedopt.optim._plan import vector_state
 
 _F32 = torch.float32
@@ -79,8 +79,10 @@ class FusedSGD(FusedOptimizer):
 
     def _hyper_args(self, b):
         group = b.group
-        return dict(lr=_hyper(group["lr"], b.device, "lr"), momentum=float(group["momentum"]),
-                    dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+        return dict(lr=_hyper(group["lr"], b.device, "lr"),
+                    momentum=_number(group["momentum"], "momentum"),
+                    dampening=_number(group["dampening"], "dampening"),
+                    weight_decay=_number(group["weight_decay"], "weight_decay"),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
