@@ -100,7 +100,7 @@ def _denominator(result, spec, kw, n_classes):
 
 
 @given(data=st.data())
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(25))
 def test_cross_entropy_matches_torch(worker, backend, data):
     require_op(backend, "cross_entropy")
     spec = data.draw(strat.cross_entropy_spec(backend))
@@ -149,7 +149,7 @@ def focal_reference(x, target, alpha, gamma, ignore_index, reduction, label_smoo
 
 
 @given(data=st.data())
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(15))
 def test_focal_loss_matches_formula(worker, backend, data):
     require_op(backend, "focal_loss")
     spec = data.draw(strat.focal_spec(backend))
@@ -195,7 +195,7 @@ def sigmoid_focal_reference(x, t, alpha, gamma, reduction, label_smoothing):
 
 
 @given(data=st.data())
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(12))
 def test_sigmoid_focal_loss_matches_torchvision(worker, backend, data):
     require_op(backend, "sigmoid_focal_loss")
     spec = data.draw(strat.sigmoid_focal_spec(backend))
@@ -233,7 +233,7 @@ def test_sigmoid_focal_loss_matches_torchvision(worker, backend, data):
 
 
 @given(data=st.data())
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(15))
 def test_vocab_parallel_shards_match_full_logits(worker, backend, data):
     """The vocab-parallel entry points on emulated shards (uneven, empty, one column),
     combined by the ops layer: every shard's row losses and the gradient columns equal
@@ -262,7 +262,7 @@ def test_vocab_parallel_shards_match_full_logits(worker, backend, data):
 
 @pytest.mark.parametrize("backend_name", ("cpu", "torch"))
 @given(data=st.data())
-@settings(max_examples=examples(10))
+@settings(max_examples=examples(6))
 def test_vocab_parallel_public_world_of_one(worker, backend_name, data):
     """fo.vocab_parallel_cross_entropy in a process group of one: F.cross_entropy."""
     require_op(backend_name, "vocab_parallel_cross_entropy")

@@ -141,25 +141,25 @@ def _edit_is_refused_cleanly(worker, backend, data):
 
 @pytest.mark.parametrize("backend", COMPILED_OR_TORCH)
 @given(data=st.data())
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(25))
 def test_optimizer_steps_like_torch(worker, backend, data):
     _steps_like_torch(worker, backend, data)
 
 
 @given(data=st.data())
-@settings(max_examples=examples(12))
+@settings(max_examples=examples(8))
 def test_optimizer_steps_like_torch_triton(worker, data):
     _steps_like_torch(worker, "triton", data)
 
 
 @pytest.mark.parametrize("backend", COMPILED_OR_TORCH)
 @given(data=st.data())
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(40))
 def test_edited_state_checkpoint_or_grad_is_refused_cleanly(worker, backend, data):
     _edit_is_refused_cleanly(worker, backend, data)
 
 
 @given(data=st.data())
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(12))
 def test_edited_state_checkpoint_or_grad_is_refused_cleanly_triton(worker, data):
     _edit_is_refused_cleanly(worker, "triton", data)

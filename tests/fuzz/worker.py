@@ -104,8 +104,8 @@ class Worker:
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
+            try:  # it holds nothing to save: a slow interpreter shutdown is not waited for
+                self.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
