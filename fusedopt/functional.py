@@ -34,11 +34,12 @@ def _check_memory(name, tensor):
     ``resize_(0)`` (as FSDP does between uses) would be read out of bounds by any backend,
     torch's own ops included (the (N, C, d..) -> (M, C) copy, the `torch` backend), so it
     is refused here, once for every backend.  Tensors without memory of their own
-    (``__torch_dispatch__`` subclasses such as DTensor and FakeTensor, meta tensors) and
-    code being traced by torch.compile (which cannot read storage metadata) are left to
-    the kernel boundary."""
+    (``__torch_dispatch__`` subclasses such as DTensor and FakeTensor, torch.func's
+    grad/vmap wrappers, meta tensors) and code being traced by torch.compile (which cannot
+    read storage metadata) are left to the kernel boundary."""
     if torch.compiler.is_compiling() or tensor.device.type == "meta" or \
-            torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python):
+            torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python) or \
+            not torch._C._has_storage(tensor):
         return
     check_storage(tensor, name)
 
