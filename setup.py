@@ -13,7 +13,8 @@
 ``FUSEDOPT_SANITIZE=address`` builds ``fusedopt._cpu`` with AddressSanitizer (compile and
 link flags below; comma-separated sanitizer names are passed to ``-fsanitize=``).  Such a
 module loads into an ordinary python only with the sanitizer's runtime preloaded:
-``LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python ...``
+``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+ASAN_OPTIONS=detect_leaks=0 python ...``
 (scripts/asan_check.sh builds one into a temporary folder and runs the tests under it).
 
 Every source file is compiled in parallel, ``FUSEDOPT_BUILD_JOBS`` (default: all CPUs)

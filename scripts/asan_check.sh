@@ -12,8 +12,9 @@
 #
 # PYTHON (default: python3) must have torch, triton, pytest, hypothesis, pybind11 and
 # setuptools.  The python itself is not instrumented, so the runtime is preloaded:
-# LD_PRELOAD=$(gcc -print-file-name=libasan.so); ASAN_OPTIONS switches leak detection off
-# (python and torch keep their caches until exit).  Takes ~2 min to build, then the tests.
+# LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)";
+# ASAN_OPTIONS switches leak detection off (python and torch keep their caches until exit).
+# Takes 2-4 min to build, then about a minute for the cpu tests and some for the fuzz suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -21,6 +22,10 @@ PYTHON=${PYTHON:-python3}
 start=$(date +%s)
 
 LIBASAN=$(gcc -print-file-name=libasan.so)
+# preloaded too: python does not link libstdc++, so without it the runtime finds no real
+# __cxa_throw and aborts ("CHECK failed ... real___cxa_throw") at the first C++ exception
+# (every binding that raises a ValueError throws one)
+LIBSTDCXX=$(gcc -print-file-name=libstdc++.so)
 if [ ! -e "$LIBASAN" ]; then
     echo "asan_check.sh: gcc has no libasan.so (gcc -print-file-name=libasan.so: $LIBASAN)" >&2
     exit 1
@@ -56,7 +61,7 @@ TESTS=(tests/fuzz
 # inherit the preload and import the same package
 cd "$WORK/site"
 set +e
-LD_PRELOAD="$LIBASAN" \
+LD_PRELOAD="$LIBASAN $LIBSTDCXX" \
 ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=99:halt_on_error=1:${ASAN_OPTIONS:-}" \
 TRITON_INTERPRET=1 PYTHONPATH="$WORK/site" \
     "$PYTHON" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" \
