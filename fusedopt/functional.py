@@ -18,8 +18,9 @@ from fusedopt import backends, ops
 from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
 from fusedopt.backends._plain import check_storage
 from fusedopt.ops import _common
+from fusedopt.ops._dtensor import is_dtensor
 
-__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
+__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "linear_cross_entropy"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOSS_DTYPES = _INPUT_DTYPES + (torch.float64,)  # float64: the torch backend, float64 math
@@ -149,6 +150,19 @@ def _check_class_vector(input, name, tensor):
     _check_memory(name, tensor)
 
 
+def _check_z_loss_softcap(z_loss, softcap):
+    """The z-loss coefficient and the soft-cap of the cross-entropy losses."""
+    _check_number("z_loss", z_loss, low=0.0)
+    if not math.isfinite(float(z_loss)):
+        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+    _check_fp32_range("z_loss", z_loss, 0.0, _FP32.max)
+    if softcap is not None:
+        _check_number("softcap", softcap, low=0.0, low_open=True)
+        if not math.isfinite(float(softcap)):
+            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
+        _check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
+
+
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False,
                   backend=None):
@@ -160,15 +174,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     _check_backend_dtype("cross_entropy", input, backend)
     if weight is not None:
         _check_class_vector(input, "weight", weight)
-    _check_number("z_loss", z_loss, low=0.0)
-    if not math.isfinite(float(z_loss)):
-        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
-    _check_fp32_range("z_loss", z_loss, 0.0, _FP32.max)
-    if softcap is not None:
-        _check_number("softcap", softcap, low=0.0, low_open=True)
-        if not math.isfinite(float(softcap)):
-            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
-        _check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
+    _check_z_loss_softcap(z_loss, softcap)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     return ops.cross_entropy(input, target, weight, int(ignore_index), reduction,
@@ -220,3 +226,89 @@ def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *
     _check_fp32_range("alpha", alpha, -_FP32.max, _FP32.max)
     return ops.sigmoid_focal_loss(input, target, alpha, gamma, reduction, label_smoothing,
                                   backend)
+
+
+def _check_linear_operand(input, name, tensor, shape):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != input.dtype:
+        raise TypeError(f"{name} must have the input's dtype {input.dtype}, got {tensor.dtype}")
+    if tensor.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} for input shape "
+                         f"{tuple(input.shape)}, got {tuple(tensor.shape)}")
+    _check_same_device(input, name, tensor)
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                         softcap=None, chunk_size=None, backend=None):
+    """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without
+    materialising the logits: the rows are processed in chunks (docs/linear_cross_entropy.md).
+
+    input (..., H), linear_weight (V, H), linear_bias (V,), class-index target (...);
+    arguments as torch.nn.functional.linear_cross_entropy (``ignore_index=None`` means
+    -100), plus z_loss, softcap and ``chunk_size`` (rows per chunk, None = sized from
+    N, V, H).  Probability targets are refused."""
+    _check_common(reduction, label_smoothing, backend)
+    _check_input(input)
+    for name, tensor in (("input", input), ("linear_weight", linear_weight),
+                         ("linear_bias", linear_bias), ("target", target)):
+        if is_dtensor(tensor):
+            raise TypeError(f"{name}: linear_cross_entropy does not take DTensors; pass the "
+                            "local tensors, or compute the logits and call cross_entropy, "
+                            "which handles sharded logits")
+    if input.dim() == 0:
+        raise ValueError("input must have shape (H,) or (..., H), got a 0-dim tensor")
+    if not isinstance(linear_weight, torch.Tensor):
+        raise TypeError(f"linear_weight must be a torch.Tensor, got "
+                        f"{type(linear_weight).__name__}")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must have shape (V, H), got "
+                         f"{tuple(linear_weight.shape)}")
+    hidden, n_classes = input.shape[-1], linear_weight.shape[0]
+    _check_linear_operand(input, "linear_weight", linear_weight, (n_classes, hidden))
+    if n_classes == 0:
+        raise ValueError("linear_weight must have at least one row (class), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    if linear_bias is not None:
+        _check_linear_operand(input, "linear_bias", linear_bias, (n_classes,))
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_same_device(input, "target", target)
+    class_shape = input.shape[:-1]
+    if target.is_floating_point():
+        if target.shape == class_shape + (n_classes,):
+            raise ValueError("target: probability (soft) targets are not supported by "
+                             "linear_cross_entropy; pass class indices, or compute the logits "
+                             "and call fusedopt.cross_entropy")
+        raise TypeError(f"target of class indices must be int64, int32 or uint8, got "
+                        f"{target.dtype} (shape {tuple(target.shape)})")
+    if target.dtype not in _CLASS_TARGET_DTYPES:
+        raise TypeError(f"target of class indices must be int64, int32 or uint8, "
+                        f"got {target.dtype}")
+    if target.shape != class_shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
+                         f"{tuple(input.shape)}: expected {tuple(class_shape)}")
+    if ignore_index is None:
+        ignore_index = -100
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if weight.shape != (n_classes,):
+            raise ValueError(f"weight must have shape ({n_classes},) (one value per row of "
+                             f"linear_weight), got {tuple(weight.shape)}")
+        _check_same_device(input, "weight", weight)
+    _check_z_loss_softcap(z_loss, softcap)
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+            raise TypeError(f"chunk_size must be an int (rows per chunk) or None, "
+                            f"got {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (rows per chunk), got {chunk_size!r}")
+    return ops.linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
+                                    int(ignore_index), reduction, label_smoothing, z_loss,
+                                    softcap, chunk_size, backend)

@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from fusedopt.backends import torch_ref as _reference
+
 NAMES = ("triton", "cuda", "cpu", "torch")
 
 _MODULES = {
@@ -36,8 +38,9 @@ DEFAULT_ORDER = {
     "cpu": ("cpu", "torch"),
 }
 
-OPS = ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "vocab_parallel_cross_entropy",
-       "adam", "sgd")
+# Every op name: the reference backend implements every op by definition, so its OPS is
+# the one list (a new op is added there, not here as well).
+OPS = tuple(sorted(_reference.OPS))
 
 _loaded: dict[str, ModuleType | Exception] = {}
 

@@ -18,8 +18,10 @@ Full verification, for one bucket (see docs/architecture.md, "The kernel boundar
   backend runs on), with a data pointer and a storage that covers its elements (the type
   and storage checks are `_plain`'s, shared with the loss boundary);
 - params dense, fp32/bf16/fp16; grads of the params' dtype; states and masters fp32;
-  step counters / flags 0-dim fp32; every grad, state and master of param i has param i's
-  shape and strides (a dimension of size 1 may have any stride); list lengths equal.
+  step counters / flags 0-dim fp32 (the optimizer's buckets for the `torch` backend may
+  also hold fp64/complex params with states of their dtype: ``wide``); every grad, state
+  and master of param i has param i's shape and strides (a dimension of size 1 may have
+  any stride); list lengths equal.
 
 Fingerprint.  A verified bucket keeps a `Verified` record in the backend's ``cache`` dict;
 at every call the tensors are compared with it and fully verified again only when it
@@ -44,7 +46,9 @@ import torch
 from fusedopt.backends._plain import (PLAIN_TYPES, check_storage,  # noqa: F401
                                       plain, storage_span)
 
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the compiled kernels take
+# params the optimizers also train, on the `torch` backend only (states of the param's dtype)
+WIDE_DTYPES = (torch.float64, torch.complex64, torch.complex128)
 _F32 = torch.float32
 _TOKEN = "boundary_token"
 _RECORD = "boundary"
@@ -123,6 +127,23 @@ def is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the states (and the math) of a param of ``dtype``: fp32 for the kernel
+    dtypes, the param's own dtype for the wide ones (as torch keeps them)."""
+    return _F32 if dtype in PARAM_DTYPES else dtype
+
+
+_MATH_DTYPES = {torch.float32: _F32, torch.bfloat16: _F32, torch.float16: _F32,
+                torch.float64: torch.float64, torch.complex64: _F32,
+                torch.complex128: torch.float64}
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the math of a param of ``dtype`` runs in (a complex param's: that of
+    its real view)."""
+    return _MATH_DTYPES[dtype]
 
 
 def _name(describe, lst: str, i: int) -> str:
@@ -223,7 +244,7 @@ class Verified:
         return True
 
 
-def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Verified:
+def _verify_full(params, grads, vectors, scalars, device_types, describe, wide) -> Verified:
     n = len(params)
     for name, lst in (("grads", grads),) + vectors + scalars:
         if lst is not None and len(lst) != n:
@@ -235,9 +256,10 @@ def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Ver
     if device_types is not None and device.type not in device_types:
         raise ValueError(f"{_name(describe, 'params', 0)} is on {device}; this backend runs on "
                          f"{' or '.join(device_types)} tensors")
-    if dtype not in PARAM_DTYPES:
+    if dtype not in PARAM_DTYPES and not (wide and dtype in WIDE_DTYPES):
         raise TypeError(f"{_name(describe, 'params', 0)} has dtype {dtype}, expected "
                         f"torch.float32, torch.bfloat16 or torch.float16")
+    states = (state_dtype(dtype),)
     for i, p in enumerate(params):
         what = _name(describe, "params", i)
         _check(p, what, device, (dtype,))
@@ -251,7 +273,7 @@ def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Ver
     for name, lst in vectors:
         for i, (t, p) in enumerate(zip(lst or (), params)):
             what = _name(describe, name, i)
-            _check(t, what, device, (_F32,))
+            _check(t, what, device, states)
             _check_like(t, what, p, _name(describe, "params", i))
     for name, lst in scalars:
         for i, t in enumerate(lst or ()):
@@ -263,7 +285,8 @@ def _verify_full(params, grads, vectors, scalars, device_types, describe) -> Ver
 
 
 def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=None,
-                  describe=None, vouch: bool = False, fingerprint_only: bool = False):
+                  describe=None, vouch: bool = False, fingerprint_only: bool = False,
+                  wide: bool = False):
     """Verify one update bucket (fingerprint first, in full when it changed); raise
     TypeError/ValueError naming the tensor otherwise.  With ``fingerprint_only`` a changed
     fingerprint returns None instead (the optimizer layer then rebuilds its plan).
@@ -271,7 +294,9 @@ def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=
     ``vectors``/``scalars``: tuples of (name, list or None) -- lists of numel-sized fp32
     tensors and of 0-dim fp32 tensors.  ``describe(list_name, index)`` names a tensor in
     the messages.  With ``vouch`` the result is left as a token for the launcher's call on
-    exactly these list objects (see `release`)."""
+    exactly these list objects (see `release`).  ``wide`` also admits params of
+    `WIDE_DTYPES` with states of their dtype: only for the `torch` backend, whose entry
+    points take no addresses (no compiled launcher passes it)."""
     lists = (params, grads) + tuple(lst for _, lst in vectors + scalars)
     token = cache.pop(_TOKEN, None)
     if token is not None and len(token[0]) == len(lists) and all(map(_is, token[0], lists)):
@@ -285,7 +310,7 @@ def verify_update(cache: dict, params, grads, vectors, scalars, *, device_types=
     if fresh:
         if fingerprint_only:
             return None
-        record = _verify_full(params, grads, vectors, scalars, device_types, describe)
+        record = _verify_full(params, grads, vectors, scalars, device_types, describe, wide)
         cache[_RECORD] = record
     if vouch:
         cache[_TOKEN] = (lists, record)

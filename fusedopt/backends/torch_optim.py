@@ -1,8 +1,10 @@
 """Pure-PyTorch optimizer entry points of the `torch` backend (contracts: docs/architecture.md).
 
 The math runs on whole lists with ``torch._foreach_*`` ops (no Python loop per tensor for
-the arithmetic) in fp32, whatever the storage dtype, and never reads a device value on the
-host.
+the arithmetic) in fp32 for fp32/bf16/fp16 params, and never reads a device value on the
+host.  This is also the backend of the params the compiled kernels do not take, trained as
+torch trains them: fp64 params in fp64 with fp64 states, complex params through their real
+views (``view_as_real``) with complex states.
 
 Skipped steps.  The skip flag is a 0-dim device tensor, so the host cannot branch on it.
 Every new value (params, masters, moments, steps, momentum flags) is therefore computed out
@@ -28,29 +30,53 @@ OPS: frozenset[str] = frozenset({"adam", "sgd"})
 _F32 = torch.float32
 
 
+def _math_dtype(dtype):
+    """fp32 for the kernel dtypes, fp64 for fp64 params (complex ones: their real views')."""
+    return _F32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _real(tensors):
+    """A list of complex tensors as their real views (``view_as_real``: each element a
+    (re, im) pair), the way torch's optimizers step complex params; other lists as given."""
+    if tensors and tensors[0].is_complex():
+        return [torch.view_as_real(t) for t in tensors]
+    return tensors
+
+
 def multi_tensor_norm(tensors, inv_scale, cache):
-    """``[Σ (g·inv_scale)², nonfinite]`` as an fp32 (2,) tensor on the tensors' device.
+    """``[Σ (g·inv_scale)², nonfinite]`` as a (2,) tensor on the tensors' device: fp32, or
+    fp64 for fp64 / complex128 tensors (as torch's ``clip_grad_norm_`` keeps their norm).
 
     The per-tensor norms are taken in float64: a finite fp32/bf16/fp16 value squared cannot
     overflow there, so the sum is non-finite exactly when some element is inf/NaN, and one
-    pass gives both the norm and the inf/NaN flag.
+    pass gives both the norm and the inf/NaN flag.  Squares of fp64 values can overflow, so
+    their flag comes from the largest magnitudes instead.
     """
+    tensors = _real(tensors)
+    wide = tensors[0].dtype == torch.float64
     norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
     sumsq = torch.stack(norms).square().sum()
-    nonfinite = (~torch.isfinite(sumsq)).to(_F32)
+    if wide:
+        nonfinite = (~torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))))
+                     ).any().to(_F32)
+    else:
+        nonfinite = (~torch.isfinite(sumsq)).to(_F32)
     if inv_scale is not None:
         inv = inv_scale.to(torch.float64)
         sumsq = sumsq * (inv * inv)
+    if wide:
+        return torch.stack([sumsq, nonfinite.to(torch.float64)])
     return torch.stack([sumsq.to(_F32), nonfinite])
 
 
-def _fp32_grads(grads, inv_scale, clip_coef, maximize):
-    """The gradient used by the update, ``((g·inv_scale)·clip_coef)``, negated when maximize.
+def _math_grads(grads, dtype, inv_scale, clip_coef, maximize):
+    """The gradient used by the update, ``((g·inv_scale)·clip_coef)``, negated when maximize,
+    in the math dtype ``dtype`` (fp32, or fp64 for fp64 params).
 
-    Returns new fp32 tensors, or the caller's fp32 grads themselves when nothing changes
-    them (they are never written to).
+    Returns new tensors, or the caller's grads themselves when nothing changes them (they
+    are never written to).
     """
-    out = [g if g.dtype == _F32 else g.to(_F32) for g in grads]
+    out = [g if g.dtype == dtype else g.to(dtype) for g in grads]
     if inv_scale is not None:
         out = torch._foreach_mul(out, inv_scale)
     if clip_coef is not None:
@@ -60,10 +86,10 @@ def _fp32_grads(grads, inv_scale, clip_coef, maximize):
     return out
 
 
-def _fp32_values(params, master_params):
+def _math_values(params, master_params, dtype):
     if master_params is not None:
         return master_params
-    return [p if p.dtype == _F32 else p.to(_F32) for p in params]
+    return [p if p.dtype == dtype else p.to(dtype) for p in params]
 
 
 def _commit(targets, news, keep):
@@ -103,8 +129,11 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     if not params:
         return
     keep = None if skip is None else skip > 0
-    g = _fp32_grads(grads, inv_scale, clip_coef, maximize)
-    p = _fp32_values(params, master_params)
+    params, grads, exp_avgs, exp_avg_sqs = map(_real, (params, grads, exp_avgs, exp_avg_sqs))
+    max_exp_avg_sqs = _real(max_exp_avg_sqs) if amsgrad else max_exp_avg_sqs
+    math = _math_dtype(params[0].dtype)
+    g = _math_grads(grads, math, inv_scale, clip_coef, maximize)
+    p = _math_values(params, master_params, math)
     if weight_decay != 0:
         if decoupled:
             p = _scaled_list(p, 1 - lr * weight_decay)
@@ -120,14 +149,14 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_para
     v_used = torch._foreach_maximum(max_exp_avg_sqs, v_new) if amsgrad else v_new
 
     # 2. bias corrections from the incremented step, per tensor, in float64 like torch's
-    #    host-side scalars, then as fp32 0-dim tensors
+    #    host-side scalars, then as 0-dim tensors of the math dtype
     step_new = torch.stack(steps) + 1
     t = step_new.to(torch.float64)
     b1 = beta1.to(torch.float64) if torch.is_tensor(beta1) else beta1
     b2 = beta2.to(torch.float64) if torch.is_tensor(beta2) else beta2
     lr64 = lr.to(torch.float64) if torch.is_tensor(lr) else lr
-    step_size = list((lr64 / (1 - b1 ** t)).to(_F32).unbind(0))
-    bc2_sqrt = list((1 - b2 ** t).sqrt().to(_F32).unbind(0))
+    step_size = list((lr64 / (1 - b1 ** t)).to(math).unbind(0))
+    bc2_sqrt = list((1 - b2 ** t).sqrt().to(math).unbind(0))
 
     # 3. p = p - step_size · m / (sqrt(v) / sqrt(bc2) + eps)
     denom = torch._foreach_sqrt(v_used)
@@ -152,8 +181,11 @@ def sgd_step(params, grads, momentum_buffers, master_params, initialized, *, lr,
     if not params:
         return
     keep = None if skip is None else skip > 0
-    d = _fp32_grads(grads, inv_scale, clip_coef, maximize)
-    p = _fp32_values(params, master_params)
+    params, grads = _real(params), _real(grads)
+    momentum_buffers = _real(momentum_buffers) if momentum != 0 else momentum_buffers
+    math = _math_dtype(params[0].dtype)
+    d = _math_grads(grads, math, inv_scale, clip_coef, maximize)
+    p = _math_values(params, master_params, math)
     if weight_decay != 0:
         d = torch._foreach_add(d, p, alpha=weight_decay)
 

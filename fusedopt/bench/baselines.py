@@ -1,4 +1,5 @@
-"""What fusedopt is measured against: torch eager, torch.compile, torch.optim, Liger, apex.
+"""What fusedopt is measured against: torch eager, torch.compile, torch.optim, torch's
+chunked F.linear_cross_entropy, the GEMM floor, Liger, apex.
 
 Every builder returns a zero-argument callable that runs one forward+backward of a loss or
 one optimizer step, or raises `Skip` with the reason it cannot run here (a library not
@@ -106,6 +107,57 @@ def apex_cross_entropy_step(logits, target, label_smoothing: float):
         run()
     except Exception as exc:
         raise Skip(f"apex xentropy failed: {first_line(exc)}") from None
+    return run
+
+
+# ----------------------------------------------------------------------------- linear CE
+# Forward + backward of the LM head and its loss: gradients of the input and the weight.
+
+def _linear_ce_step(loss_fn, x, weight, target):
+    def run():
+        return torch.autograd.grad(loss_fn(x, weight, target), (x, weight))
+    return run
+
+
+def linear_ce_eager_step(x, weight, target):
+    """F.linear + F.cross_entropy: the N x V logits, their softmax and gradient in memory."""
+    return _linear_ce_step(lambda a, w, t: F.cross_entropy(F.linear(a, w), t), x, weight, target)
+
+
+def linear_ce_torch_chunked_step(x, weight, target):
+    """torch's chunked F.linear_cross_entropy (options=LinearCrossEntropyOptions())."""
+    options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options_cls is None or not hasattr(F, "linear_cross_entropy"):
+        raise Skip(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
+    return _linear_ce_step(lambda a, w, t: F.linear_cross_entropy(a, w, t,
+                                                                   options=options_cls()),
+                           x, weight, target)
+
+
+def linear_ce_gemm_floor(x, weight, target):
+    """The three GEMMs of the op alone, full size (logits = x W^T, dX = G W, dW = G^T x with
+    G the logits standing in for their gradient): the time any implementation needs."""
+    x, weight = x.detach(), weight.detach()
+
+    def run():
+        logits = x @ weight.t()
+        return logits @ weight, logits.t() @ x
+    return run
+
+
+def liger_linear_ce_step(x, weight, target):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise Skip("Liger-Kernel is not installed (pip install liger-kernel)") from None
+    if x.device.type != "cuda":
+        raise Skip("Liger-Kernel runs on CUDA tensors only")
+    liger = LigerFusedLinearCrossEntropyLoss()
+    run = _linear_ce_step(lambda a, w, t: liger(w, a, t), x, weight, target)
+    try:
+        run()
+    except Exception as exc:
+        raise Skip(f"Liger-Kernel failed: {first_line(exc)}") from None
     return run
 
 

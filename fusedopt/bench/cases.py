@@ -14,7 +14,9 @@ Byte models (bytes one call must move at least; GB/s = bytes / median time):
 * sgd with momentum (fp32): read p, g, buf and write p, buf = 20 B/param;
 * adamw_amp_clip (fp32, loss scale + global-norm clip): 28 + 4 (g read again for the
   norm) = 32 B/param;
-* step_host: host time of step() on 1,000 small tensors; no byte model.
+* step_host: host time of step() on 1,000 small tensors; no byte model;
+* linear_cross_entropy: bound by its three GEMMs of 2*N*V*H flops each, not by memory;
+  no byte model (the "GEMMs alone" baseline is its floor).
 """
 
 from __future__ import annotations
@@ -36,32 +38,41 @@ from fusedopt.bench.timing import DEVICE_TIME, HOST_TIME, free_memory
 FUSEDOPT, BASELINE = "fusedopt", "baseline"
 
 LOSS_OPS = ("cross_entropy", "focal_loss", "sigmoid_focal_loss")
+LINEAR_OPS = ("linear_cross_entropy",)
 OPTIM_OPS = ("adam", "adamw", "sgd", "adamw_amp_clip", "step_host")
-OPS = LOSS_OPS + OPTIM_OPS
+OPS = LOSS_OPS + LINEAR_OPS + OPTIM_OPS
 
 # The backend op (backends.OPS) each benchmark op runs on.
 BACKEND_OP = {"cross_entropy": "cross_entropy", "focal_loss": "focal_loss",
               "sigmoid_focal_loss": "sigmoid_focal_loss", "adam": "adam", "adamw": "adam",
-              "sgd": "sgd", "adamw_amp_clip": "adam", "step_host": "adam"}
+              "sgd": "sgd", "adamw_amp_clip": "adam", "step_host": "adam",
+              "linear_cross_entropy": "cross_entropy"}
 
 LABEL_SMOOTHING = 0.1
 FOCAL_GAMMA, SIGMOID_ALPHA = 2.0, 0.25
 BYTES_PER_PARAM = {"adam": 28, "adamw": 28, "sgd": 20, "adamw_amp_clip": 32}
 
 # Sizes per device type and size set: loss shapes (rows, classes), loss dtype, optimizer
-# parameter count, number of tensors of the step_host model.
+# parameter count, number of tensors of the step_host model; linear cross-entropy shapes
+# (rows N, hidden H, classes V) and their dtype.
 _F32, _BF16 = torch.float32, torch.bfloat16
 SIZES = {
     "cpu": {
-        "full": dict(loss=[(4096, 32000)], dtype=_F32, params=75_000_000, host_tensors=1000),
-        "quick": dict(loss=[(1024, 8000)], dtype=_F32, params=5_000_000, host_tensors=1000),
-        "tiny": dict(loss=[(64, 512)], dtype=_F32, params=100_000, host_tensors=100),
+        "full": dict(loss=[(4096, 32000)], dtype=_F32, params=75_000_000, host_tensors=1000,
+                     linear=[(8192, 256, 32000)], linear_dtype=_F32),
+        "quick": dict(loss=[(1024, 8000)], dtype=_F32, params=5_000_000, host_tensors=1000,
+                      linear=[(2048, 128, 8000)], linear_dtype=_F32),
+        "tiny": dict(loss=[(64, 512)], dtype=_F32, params=100_000, host_tensors=100,
+                     linear=[(64, 16, 256)], linear_dtype=_F32),
     },
     "cuda": {
         "full": dict(loss=[(8192, 32768), (8192, 131072), (8192, 262144)], dtype=_BF16,
-                     params=1_000_000_000, host_tensors=1000),
-        "quick": dict(loss=[(8192, 32768)], dtype=_BF16, params=100_000_000, host_tensors=1000),
-        "tiny": dict(loss=[(256, 1000)], dtype=_BF16, params=100_000, host_tensors=100),
+                     params=1_000_000_000, host_tensors=1000,
+                     linear=[(8192, 4096, 32000), (8192, 4096, 128256)], linear_dtype=_BF16),
+        "quick": dict(loss=[(8192, 32768)], dtype=_BF16, params=100_000_000, host_tensors=1000,
+                      linear=[(8192, 4096, 128256)], linear_dtype=_BF16),
+        "tiny": dict(loss=[(256, 1000)], dtype=_BF16, params=100_000, host_tensors=100,
+                     linear=[(256, 64, 1000)], linear_dtype=_BF16),
     },
 }
 SIZE_SETS = ("full", "quick", "tiny")
@@ -208,6 +219,47 @@ def _loss_case(op, ls, rows, classes, dtype, device, only, use_compile):
     return case
 
 
+# ----------------------------------------------------------------------------- linear CE
+
+GEMM_FLOOR, TORCH_CHUNKED = "GEMMs alone (floor)", "torch chunked"
+
+
+def _linear_ce_inputs(rows, hidden, classes, dtype, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(classes, hidden, generator=gen, device=device).mul_(hidden ** -0.5)
+    target = torch.randint(0, classes, (rows,), generator=gen, device=device)
+    return {"x": x, "weight": weight.to(dtype).requires_grad_(), "target": target}
+
+
+def _linear_ce_case(rows, hidden, classes, dtype, device, only):
+    """fusedopt.linear_cross_entropy (mean) forward + backward (gradients of x and W)."""
+    op = "linear_cross_entropy"
+    model = "GEMM-bound: 3 GEMMs of 2*N*V*H flops; no byte model"
+    case = Case(op, op, f"N{rows} H{hidden} V{classes}", dtype, device, None, model,
+                partial(_linear_ce_inputs, rows, hidden, classes, dtype, device))
+    names, case.skipped = fusedopt_backends(op, device, only)
+    logits = rows * classes * torch.tensor([], dtype=dtype).element_size()
+    free = free_memory(device) if torch.cuda.is_available() else None
+    if free is not None and 6 * logits > free:
+        case.notes.append(f"{case.group}: the eager baseline needs about 6x the logits' "
+                          f"{logits / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; not run")
+        return case
+    for name in names:
+        step = (lambda b: lambda x, w, t: bl._linear_ce_step(
+            partial(fusedopt.linear_cross_entropy, backend=b), x, w, t))(name)
+        case.candidates.append(Candidate(f"fusedopt[{name}]", FUSEDOPT, step, name))
+    baselines = {"torch eager": bl.linear_ce_eager_step,
+                 TORCH_CHUNKED: bl.linear_ce_torch_chunked_step,
+                 GEMM_FLOOR: bl.linear_ce_gemm_floor, "liger": bl.liger_linear_ce_step}
+    for name, make in baselines.items():
+        case.candidates.append(Candidate(name, BASELINE, make))
+    for cand in case.candidates:   # every builder takes the case's inputs as keywords
+        cand.build = (lambda make: lambda inp: make(inp["x"], inp["weight"], inp["target"]))(
+            cand.build)
+    return case
+
+
 # ----------------------------------------------------------------------------- optimizers
 
 def model_shapes(total: int) -> list[tuple[int, ...]]:
@@ -348,7 +400,11 @@ def build_cases(device: torch.device | str, sizes: str = "full", ops=None,
     for op in OPS:
         if op not in ops:
             continue
-        if op in LOSS_OPS:
+        if op in LINEAR_OPS:
+            for rows, hidden, classes in size["linear"]:
+                cases.append(_linear_ce_case(rows, hidden, classes, size["linear_dtype"],
+                                             device, backend))
+        elif op in LOSS_OPS:
             for rows, classes in loss_shapes or size["loss"]:
                 if op == "sigmoid_focal_loss" and rows * classes > SIGMOID_MAX_NUMEL:
                     continue

@@ -16,8 +16,11 @@ Clocks:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -120,8 +123,11 @@ def copy_bandwidth(device: torch.device, nbytes: int, settings: Settings = Setti
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Bytes allocated by one call of ``fn`` above what was allocated before it (CUDA
-    caching-allocator statistics); None on CPU, where no reliable per-call measure exists."""
+    """Bytes allocated by one call of ``fn`` above what was allocated before it: CUDA
+    caching-allocator statistics on CUDA, the profiler's record of every CPU allocation on
+    CPU (`cpu_peak_memory`); None when it cannot be measured."""
+    if device.type == "cpu":
+        return cpu_peak_memory(fn)
     if device.type != "cuda":
         return None
     synchronize(device)
@@ -130,6 +136,57 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     fn()
     synchronize(device)
     return max(torch.cuda.max_memory_allocated(device) - before, 0)
+
+
+def _allocations(events):
+    for event in events:
+        if isinstance(event.extra_fields, _AllocationFields):
+            yield event
+        yield from _allocations(event.children)
+
+
+try:
+    from torch._C._profiler import _ExtraFields_Allocation as _AllocationFields
+except ImportError:  # a torch without the profiler's allocation records
+    _AllocationFields = None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints a start and a stop line on stderr for every session;
+    they would fill the bench's output, so file descriptor 2 goes to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_memory(fn: Callable[[], object]) -> int | None:
+    """Peak bytes held by CPU tensors allocated during one call of ``fn``, above what was
+    held when it started: torch's profiler records every allocation and free of the CPU
+    allocator with the running total, in order; the peak of that total is the answer.
+    (Allocations outside torch's allocator, e.g. a BLAS library's own scratch, are not
+    seen.)  None when this torch cannot record allocations."""
+    if _AllocationFields is None:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                  profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in _allocations(
+        prof.profiler.kineto_results.experimental_event_tree())
+        if e.extra_fields.device.type == "cpu"), key=lambda e: e.start_time_ns)
+    if not events:
+        return 0
+    first = events[0].extra_fields
+    start = first.total_allocated - first.alloc_size
+    return max(max(e.extra_fields.total_allocated for e in events) - start, 0)
 
 
 def free_memory(device: torch.device) -> int | None:

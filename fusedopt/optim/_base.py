@@ -23,76 +23,34 @@ the optimizer's ``process_group`` by one all-reduce between phases 2 and 3.
 
 from __future__ import annotations
 
-import math
+import os
 from itertools import chain
-from numbers import Real
 
 import torch
 from torch.optim import Optimizer
 
 from fusedopt import backends
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks, _distributed
+from fusedopt.optim import _checks, _distributed, _ops, _traced
 from fusedopt.optim._plan import prepare
+from fusedopt.optim._scalars import amp_scalar, on_device
 from fusedopt.optim._state import StateMixin
 
 _F32 = torch.float32
-_FP32_MAX = torch.finfo(_F32).max
 
 
-def _to(value, device):
-    """A one-element tensor (a flag, a scale) as a 0-dim fp32 tensor on ``device``; None
-    unchanged.  A copy from the CPU to an accelerator is non-blocking (the source is
-    staged at once: no wait for the device); one to the CPU waits for the source device."""
-    if value is None:
-        return None
-    if value.dim() != 0:
-        value = value.reshape(())
-    if value.device != device:
-        value = value.to(device, non_blocking=device.type != "cpu")
-    return value if value.dtype == _F32 else value.to(_F32)
-
-
-def _number(value, name):
-    """A number hyper-parameter as the kernels take it (a Python float), read at each step:
-    a finite value beyond fp32 (an edited ``param_groups`` entry) is refused, as at
-    construction -- it would silently become inf in the fp32 kernels."""
-    v = float(value)
-    if abs(v) > _FP32_MAX and v == v and abs(v) != math.inf:
-        raise ValueError(f"invalid {name}: {v!r} (a finite value must be representable in "
-                         f"fp32, |value| <= {_FP32_MAX:.6e})")
-    return v
-
-
-def _hyper(value, device, name="lr"):
-    """lr / a beta as a backend takes it: a Python float, or a 0-dim fp32 tensor on device.
-
-    A CPU tensor for params on an accelerator is read on the host at each step -- a memory
-    load, not a device synchronisation (what torch's fused optimizers do); a tensor on
-    another accelerator is copied without blocking the host."""
-    if not isinstance(value, torch.Tensor):
-        if not isinstance(value, Real) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
-        return _number(value, name)
-    if value.numel() != 1 or not value.is_floating_point() or type(value) not in boundary.PLAIN_TYPES:
-        raise TypeError(f"{name} as a tensor must be a plain one-element floating-point tensor, "
-                        f"got {type(value).__name__} of shape {tuple(value.shape)}, {value.dtype}")
-    if value.device.type == "cpu" and device.type != "cpu":
-        return float(value.reshape(()).item())
-    return _to(value, device)
-
-
-def _amp_scalar(value, name):
-    """``grad_scale`` / ``found_inf`` set by a GradScaler: a one-element tensor (shape []
-    from torch.amp.GradScaler, [1] from the FSDP ShardedGradScaler), as 0-dim."""
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"optimizer.{name} must be a tensor or None, got {type(value).__name__}")
-    if value.numel() != 1 or not value.is_floating_point():
-        raise ValueError(f"optimizer.{name} must be a one-element floating-point tensor, got "
-                         f"shape {tuple(value.shape)} dtype {value.dtype}")
-    return value.reshape(())
+def _wide_backend(op, device, dtype, backend, what):
+    """The `torch` backend for params the compiled kernels do not take (fp64, complex); a
+    TypeError when another backend was named (argument or FUSEDOPT_BACKEND)."""
+    forced = backend is None and bool(os.environ.get("FUSEDOPT_BACKEND"))
+    name = backend if backend is not None else os.environ.get("FUSEDOPT_BACKEND") or "torch"
+    if name != "torch":
+        origin = " (forced by FUSEDOPT_BACKEND)" if forced else ""
+        raise TypeError(
+            f"{what or 'a param'} has dtype {dtype}, which fusedopt backend {name!r}{origin} "
+            f"cannot step: its kernels take float32, bfloat16 and float16 params; "
+            f"backend=None (or 'torch') steps {dtype} params with torch's math")
+    return backends.select(op, device, "torch")
 
 
 class FusedOptimizer(StateMixin, Optimizer):
@@ -101,6 +59,11 @@ class FusedOptimizer(StateMixin, Optimizer):
     # torch.amp.GradScaler hands us `grad_scale` / `found_inf` instead of unscaling itself
     _step_supports_amp_scaling = True
     _OP = ""  # "adam" | "sgd"
+    # loading a param group that lacks a key sets _LOAD_DEFAULTS[key] (else the default);
+    # _FORCED is set in every loaded or unpickled group (torch's AdamW: decoupled decay)
+    _LOAD_DEFAULTS: dict = {}
+    _FORCED: dict = {}
+    _SPARSE_GRADS = False  # sparse COO gradients are stepped (made dense), as torch's SGD does
 
     def __init__(self, params, defaults, *, max_grad_norm, track_grad_norm, skip_nonfinite,
                  master_weights, backend, process_group=None):
@@ -121,7 +84,11 @@ class FusedOptimizer(StateMixin, Optimizer):
         self._fo_plans: dict = {}
         self._fo_norm_caches: dict[tuple, dict] = {}
         self._fo_epoch = 0
-        self.last_grad_norm: torch.Tensor | None = None
+        self._fo_store_id, self._fo_store = _ops.new_store()  # the compiled step's caches
+        # what a step writes for the caller: "last_grad_norm"; "scaler" / "found_inf" of
+        # a LossScaler.step.  A dict, not attributes: a compiled step's writes to the
+        # optimizer's attributes are dropped by Dynamo, its writes to a dict are kept
+        self._fo_vars: dict = {"last_grad_norm": None}
         self._fo_group_arg = process_group
         self._fo_norm = None
         self.process_group = None
@@ -130,6 +97,7 @@ class FusedOptimizer(StateMixin, Optimizer):
         first = next((p for g in self.param_groups for p in g["params"]), None)
         device = first.device if first is not None else torch.device("cpu")
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        _traced.mark_static((self.skipped_steps,))
 
     # ---------------------------------------------------------------- param groups
 
@@ -143,7 +111,7 @@ class FusedOptimizer(StateMixin, Optimizer):
             for p in self.param_groups[-1]["params"]:
                 _checks.param(p)
                 if p.device.type != "meta":  # materialised later (e.g. to_empty) is fine
-                    self._backend_for(p.device)
+                    self._backend_for(p.device, p.dtype, f"a param of shape {tuple(p.shape)}")
             if "skipped_steps" in self.__dict__:  # added after construction
                 self._fo_resolve_norm_group()
         except Exception:
@@ -172,11 +140,15 @@ class FusedOptimizer(StateMixin, Optimizer):
     def _check_hyper_params(self, group):  # per optimizer
         raise NotImplementedError
 
-    def _backend_for(self, device):
-        mod = self._fo_backends.get(device)
+    def _backend_for(self, device, dtype=_F32, what=None):
+        """The backend of the params of (device, dtype); ``what`` names a param in errors."""
+        mod = self._fo_backends.get((device, dtype))
         if mod is None:
-            mod = backends.select(self._OP, device, self.backend)
-            self._fo_backends[device] = mod
+            if dtype in boundary.WIDE_DTYPES:
+                mod = _wide_backend(self._OP, device, dtype, self.backend, what)
+            else:
+                mod = backends.select(self._OP, device, self.backend)
+            self._fo_backends[(device, dtype)] = mod
         return mod
 
     # ---------------------------------------------------------------- step
@@ -187,23 +159,34 @@ class FusedOptimizer(StateMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scaler = self.__dict__.pop("_fo_scaler", None)
-        amp_scale = _amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
-        amp_found_inf = _amp_scalar(getattr(self, "found_inf", None), "found_inf")
+        scaler = self._fo_vars.get("scaler")
+        self._fo_vars["scaler"] = None  # for this step only (not a step it calls)
+        amp_scale = amp_scalar(getattr(self, "grad_scale", None), "grad_scale")
+        amp_found_inf = amp_scalar(getattr(self, "found_inf", None), "found_inf")
+        if torch.compiler.is_compiling():
+            _traced.step(self, scaler, amp_scale, amp_found_inf)
+            return loss
         try:
             buckets = prepare(self)
-            self._fo_step_buckets(buckets, scaler, amp_scale, amp_found_inf)
+            # a bad group value: refused before any launch
+            hypers = [self._hyper_args(b) for b in buckets]
+            self._fo_step_buckets(buckets, hypers, scaler, amp_scale, amp_found_inf,
+                                  self._global_norm, self._run_bucket)
         finally:
             self._fo_release()
         return loss
 
-    def _fo_step_buckets(self, buckets, scaler, amp_scale, amp_found_inf):
-        # a LossScaler's step: its scale (None after its unscale_), the group its flag is
-        # summed over, and the flag its unscale_ found
+    def _fo_step_buckets(self, buckets, hypers, scaler, amp_scale, amp_found_inf, norm_fn,
+                         run):
+        """Scale, norm, clip and skip, then ``run`` each bucket: the same arithmetic for the
+        eager step and the traced one (``norm_fn`` and ``run`` launch the kernels).
+
+        ``scaler``: a LossScaler's step -- its scale (None after its unscale_), the group its
+        flag is summed over, and the flag its unscale_ found -- or None."""
         loss_scale, flag_group, unscaled_found = scaler if scaler is not None else (None,) * 3
         scale = loss_scale
         if amp_scale is not None:
-            scale = amp_scale if scale is None else scale * _to(amp_scale, scale.device)
+            scale = amp_scale if scale is None else scale * on_device(amp_scale, scale.device)
         if unscaled_found is not None:
             amp_found_inf = unscaled_found
         need_norm = (self.max_grad_norm is not None or self.track_grad_norm
@@ -213,24 +196,24 @@ class FusedOptimizer(StateMixin, Optimizer):
                         or (flag_group is not None and need_norm))
         if not buckets and not communicates:
             if scaler is not None:
-                self._fo_found_inf = (torch.zeros((), dtype=_F32, device=loss_scale.device)
-                                      if unscaled_found is None else unscaled_found)
+                self._fo_vars["found_inf"] = (
+                    torch.zeros((), dtype=_F32, device=loss_scale.device)
+                    if unscaled_found is None else unscaled_found)
             return
 
-        hypers = [self._hyper_args(b) for b in buckets]  # a bad group value: refused before any launch
         home = (loss_scale.device if loss_scale is not None
                 else unscaled_found.device if unscaled_found is not None
                 else buckets[0].device if buckets else self.skipped_steps.device)
-        inv_scale = None if scale is None else _to(scale.double().reciprocal().float(), home)
+        inv_scale = None if scale is None else on_device(scale.double().reciprocal().float(), home)
 
         clip_coef = skip = None
-        norm = self._global_norm(buckets, inv_scale, home) if need_norm else None
-        found = None if amp_found_inf is None else _to(amp_found_inf, home)
+        norm = norm_fn(buckets, inv_scale, home) if need_norm else None
+        found = None if amp_found_inf is None else on_device(amp_found_inf, home)
         if communicates:  # one small all-reduce (two when the scaler's group is another)
             norm, found = _distributed.reduce(norm, found, norm_group, flag_group)
         if need_norm:
             total = norm[0].sqrt()
-            self.last_grad_norm = total
+            self._fo_vars["last_grad_norm"] = total
             if self.max_grad_norm is not None:
                 clip_coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             if loss_scale is not None or self.skip_nonfinite:
@@ -238,14 +221,15 @@ class FusedOptimizer(StateMixin, Optimizer):
         if found is not None:
             skip = found if skip is None else torch.maximum(skip, found)
         if skip is not None:
-            self.skipped_steps.add_(_to(skip, self.skipped_steps.device).gt(0).long())
+            self.skipped_steps.add_(on_device(skip, self.skipped_steps.device).gt(0).long())
         if scaler is not None:
-            self._fo_found_inf = (torch.zeros((), dtype=_F32, device=home) if skip is None
-                                  else _to(skip, home))
+            self._fo_vars["found_inf"] = (torch.zeros((), dtype=_F32, device=home)
+                                          if skip is None else on_device(skip, home))
 
         for bucket, hyper in zip(buckets, hypers):
             dev = bucket.device
-            self._run_bucket(bucket, hyper, _to(inv_scale, dev), _to(clip_coef, dev), _to(skip, dev))
+            run(bucket, hyper, on_device(inv_scale, dev),
+                on_device(clip_coef, dev, bucket.math_dtype), on_device(skip, dev))
 
     def _fo_release(self):
         """Drop the boundary tokens of this step (they hold its gradient lists)."""
@@ -262,22 +246,35 @@ class FusedOptimizer(StateMixin, Optimizer):
         flag is summed over ``flag_group`` too.
 
         Returns (the found-inf flag: fp32 0-dim on the scaler's device, 1.0 when skipped;
-        what ``step`` returned)."""
-        self._fo_scaler = (scale, flag_group, found_inf)
+        what ``step`` returned).  The scaler's arguments and the flag travel in
+        ``self._fo_vars``, whose writes a compiled step keeps."""
+        self._fo_vars["scaler"] = (scale, flag_group, found_inf)
         try:
             result = self.step(*args, **(kwargs or {}))
         finally:
-            self.__dict__.pop("_fo_scaler", None)
-        return self.__dict__.pop("_fo_found_inf"), result
+            self._fo_vars["scaler"] = None
+        found_inf, self._fo_vars["found_inf"] = self._fo_vars.get("found_inf"), None
+        return found_inf, result
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the last step that measured it (a 0-dim device
+        tensor, before clipping, after unscaling), or None."""
+        return self._fo_vars.get("last_grad_norm")
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value):
+        self._fo_vars["last_grad_norm"] = value
 
     def _global_norm(self, buckets, inv_scale, home):
-        """[Σ g², any inf/NaN] over every gradient of the step, on ``home``: fp32 (2,);
-        the gradients of buckets that do not count on this rank (replicas of a DTensor
-        param, ``Bucket.counted``) only add to the flag."""
+        """[Σ g², any inf/NaN] over every gradient of the step, on ``home``: fp32 (2,), or
+        fp64 when fp64 / complex128 params take part (summed in fp64, as clip_grad_norm_
+        does); the gradients of buckets that do not count on this rank (replicas of a
+        DTensor param, ``Bucket.counted``) only add to the flag."""
         per_kind: dict[tuple, list] = {}
         for bucket in buckets:
             per_kind.setdefault((bucket.device, bucket.dtype, bucket.counted), []).append(bucket)
-        total = None if per_kind else torch.zeros(2, dtype=_F32, device=home)
+        parts = []
         for (device, dtype, counted), group in per_kind.items():
             if len(group) == 1:
                 grads, numels, ptrs = group[0].grads, group[0].verified.numels, \
@@ -288,12 +285,13 @@ class FusedOptimizer(StateMixin, Optimizer):
                 ptrs = list(chain.from_iterable(b.verified.grad_ptrs for b in group))
             cache = self._fo_norm_caches.setdefault((device, dtype, counted), {})
             boundary.vouch_norm(cache, grads, numels, ptrs)
-            res = self._backend_for(device).multi_tensor_norm(grads, _to(inv_scale, device), cache)
+            res = self._backend_for(device, dtype).multi_tensor_norm(
+                grads, on_device(inv_scale, device), cache)
             res = res.to(home, non_blocking=home.type != "cpu")
             if not counted:
                 res = torch.cat([res.new_zeros(1), res[1:]])
-            total = res if total is None else torch.stack([total[0] + res[0], torch.maximum(total[1], res[1])])
-        return total
+            parts.append(res)
+        return _traced.combine_norms(parts) if parts else torch.zeros(2, dtype=_F32, device=home)
 
     # per optimizer: the group settings that shape the state lists; the checked state lists
     # of a bucket (missing state prepared in `pending`); the lists in the boundary's form
@@ -312,4 +310,16 @@ class FusedOptimizer(StateMixin, Optimizer):
         raise NotImplementedError
 
     def _run_bucket(self, bucket, hyper, inv_scale, clip_coef, skip):
+        raise NotImplementedError
+
+    # per optimizer, for the traced step (_traced.py): the state lists of a TracedBucket
+    # read from optimizer.state (missing state created); the hyper-parameters as the custom
+    # ops take them; run the custom op
+    def _traced_lists(self, bucket):
+        raise NotImplementedError
+
+    def _traced_hyper(self, bucket):
+        raise NotImplementedError
+
+    def _traced_run(self, bucket, hyper, inv_scale, clip_coef, skip):
         raise NotImplementedError

@@ -16,12 +16,34 @@ import torch
 from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim import _distributed
 
-PARAM_DTYPES = boundary.PARAM_DTYPES
+# the param dtypes the optimizers train: the kernels' (fp32 states), and the wide ones that
+# torch's optimizers train too, stepped by the `torch` backend with states of their dtype
+PARAM_DTYPES = boundary.PARAM_DTYPES + boundary.WIDE_DTYPES
+_DTYPE_NAMES = "float32, bfloat16, float16, float64, complex64 or complex128"
 _FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _is_real(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def group_number(group: dict, key: str) -> float:
+    """A param group's number option (``eps``, ``weight_decay``, SGD's ``momentum``, ...) as
+    a float, read at every step: a value set after construction that is not a real number is
+    a TypeError naming it, before anything runs."""
+    value = group[key]
+    if not _is_real(value):
+        raise TypeError(f"{key} must be a number, got {value!r}")
+    return in_fp32_range(float(value), key)
+
+
+def in_fp32_range(v: float, name: str) -> float:
+    """``v`` unless it is finite but beyond fp32: the kernels compute in fp32, where it would
+    silently become inf (and make torch's own ops raise a RuntimeError)."""
+    if math.isfinite(v) and abs(v) > _FP32_MAX:
+        raise ValueError(f"invalid {name}: {v!r} (a finite value must be representable in "
+                         f"fp32, |value| <= {_FP32_MAX:.6e})")
+    return v
 
 
 def _scalar(name, value, *, tensor_ok):
@@ -37,12 +59,7 @@ def _scalar(name, value, *, tensor_ok):
         raise TypeError(f"{name} must be a number, got {value!r}")
     else:
         v = float(value)
-    if math.isfinite(v) and abs(v) > _FP32_MAX:
-        # the kernels compute in fp32: it would silently become inf there (and make torch's
-        # own ops raise a RuntimeError)
-        raise ValueError(f"invalid {name}: {v!r} (a finite value must be representable in "
-                         f"fp32, |value| <= {_FP32_MAX:.6e})")
-    return v
+    return in_fp32_range(v, name)
 
 
 def lr(value, name="lr"):
@@ -77,6 +94,26 @@ def flag(name, value):
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
+def torch_keywords(group, optimizer):
+    """torch's ``foreach`` / ``fused`` / ``capturable`` choose among torch's implementations:
+    accepted with torch's types, they choose nothing here (the backend runs every step fused
+    and without host syncs).  ``differentiable=True`` asks for a step autograd can
+    differentiate through, which no backend gives."""
+    for name in ("foreach", "fused"):
+        value = group.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None or a bool, got {value!r}")
+    if "capturable" in group:
+        flag("capturable", group["capturable"])
+    differentiable = group.get("differentiable", False)
+    flag("differentiable", differentiable)
+    if differentiable:
+        raise ValueError(
+            f"differentiable=True is not supported by {optimizer}: its step updates params and "
+            f"states in place, outside autograd; use torch.optim's optimizer with "
+            f"differentiable=True to differentiate through a step")
+
+
 def max_grad_norm(value):
     if value is None:
         return
@@ -99,7 +136,7 @@ def param(p):
     if shard is not p:
         _distributed.check_param_placements(p, f"a param of shape {tuple(p.shape)}")
     if p.dtype not in PARAM_DTYPES:
-        raise TypeError(f"params must be float32, bfloat16 or float16; got a param of shape "
+        raise TypeError(f"params must be {_DTYPE_NAMES}; got a param of shape "
                         f"{tuple(p.shape)} with dtype {p.dtype}")
     if not boundary.is_dense(shard):
         raise ValueError(f"params must be dense (no gaps or overlaps in memory); got a param "
@@ -111,8 +148,7 @@ def step_param(p, where):
     if p.device.type == "meta":
         raise TypeError(f"{where} is on the meta device: it has no data to step")
     if p.dtype not in PARAM_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; params must be float32, bfloat16 or "
-                        f"float16")
+        raise TypeError(f"{where} has dtype {p.dtype}; params must be {_DTYPE_NAMES}")
     shard = boundary.local_tensor(p, where)
     if shard is not p:
         _distributed.check_param_placements(p, where)
@@ -121,12 +157,16 @@ def step_param(p, where):
                          f"{shard.stride()})")
 
 
-def grad(g, p, where, optimizer) -> bool:
-    """The gradient of param ``p`` at a step; True when the step must use a copy of it (its
-    strides differ from the param's, or, for a DTensor, its placements)."""
-    if g.layout != torch.strided:
-        raise TypeError(f"{optimizer} does not support sparse gradients ({where}, of shape "
-                        f"{tuple(p.shape)}, has a {g.layout} gradient)")
+def grad(g, p, where, optimizer, sparse_ok=False, traced=False) -> bool:
+    """The gradient of param ``p`` at a step; True when the step uses a copy of it in the
+    param's layout: its strides differ from the param's, (``sparse_ok``, SGD) it is a
+    sparse COO tensor, or, for a DTensor, its placements differ.  ``traced``: at the trace
+    of a compiled step, where a lazily negated view cannot be asked about (the traced step
+    resolves it)."""
+    if g.layout != torch.strided and not (sparse_ok and g.layout == torch.sparse_coo):
+        supported = " (only sparse COO gradients are)" if sparse_ok else ""
+        raise TypeError(f"{optimizer} does not support {g.layout} gradients{supported} "
+                        f"({where}, of shape {tuple(p.shape)})")
     dtensor_param = _distributed.is_dtensor(p)
     if not dtensor_param and _distributed.is_dtensor(g):
         raise TypeError(f"the gradient of {where} is a DTensor, but the param is a plain tensor")
@@ -140,7 +180,9 @@ def grad(g, p, where, optimizer) -> bool:
     if g.shape != p.shape:
         raise ValueError(f"the gradient of {where} has shape {tuple(g.shape)}, expected "
                          f"{tuple(p.shape)} (the param's shape)")
-    if shard.is_neg() or shard.is_conj():
+    if g.layout == torch.sparse_coo:
+        return True
+    if not traced and (shard.is_neg() or shard.is_conj()):
         raise ValueError(f"the gradient of {where} is a lazily negated view")
     # before a gradient laid out unlike its param is copied (which reads it)
     boundary.check_storage(shard, f"the gradient of {where}")
@@ -149,9 +191,30 @@ def grad(g, p, where, optimizer) -> bool:
     return not boundary.same_layout(g, p)
 
 
-def state_tensor(value, key, p, where):
-    """``optimizer.state[p][key]`` as a step uses it: None when absent, else an fp32 tensor
-    with the param's device, shape and layout (refused otherwise, naming it)."""
+def sparse_values(g, where):
+    """A sparse COO gradient with every entry inside its shape, for a dense copy.
+
+    torch does not check the indices of a sparse tensor it did not build itself, and writing
+    one with an index outside the shape reaches memory out of bounds.  On the CPU such an
+    entry is refused; on an accelerator it is dropped (telling would read the device)."""
+    indices, values = g._indices(), g._values()
+    valid = torch.ones(indices.shape[1:], dtype=torch.bool, device=g.device)
+    for d, size in enumerate(g.shape[:g.sparse_dim()]):
+        valid &= (indices[d] >= 0) & (indices[d] < size)
+    if g.device.type == "cpu":
+        if not bool(valid.all()):
+            raise ValueError(f"the sparse gradient of {where} has indices outside its shape "
+                             f"{tuple(g.shape)}")
+        return g
+    keep = valid.reshape((-1,) + (1,) * (values.dim() - 1))
+    return torch.sparse_coo_tensor(torch.where(valid, indices, 0),
+                                   torch.where(keep, values, 0), g.shape, check_invariants=False)
+
+
+def state_tensor(value, key, p, where, traced=False):
+    """``optimizer.state[p][key]`` as a step uses it: None when absent, else a tensor of the
+    param's state dtype (fp32; a wide param's own dtype) with the param's device, shape and
+    layout (refused otherwise, naming it)."""
     if value is None:
         return None
     what = f"optimizer.state[{where}][{key!r}]"
@@ -166,9 +229,10 @@ def state_tensor(value, key, p, where):
     boundary.local_tensor(shard, what)
     if shard.layout != torch.strided:
         raise TypeError(f"{what} has layout {shard.layout}, expected a strided tensor")
-    if shard.dtype != torch.float32:
-        raise TypeError(f"{what} has dtype {shard.dtype}, expected torch.float32 (the fused "
-                        f"optimizers keep fp32 states)")
+    expected = boundary.state_dtype(p.dtype)
+    if shard.dtype != expected:
+        raise TypeError(f"{what} has dtype {shard.dtype}, expected {expected} (the fused "
+                        f"optimizers keep {expected} states for {p.dtype} params)")
     if shard.device != p.device:
         raise ValueError(f"{what} is on {shard.device}, expected {p.device} (the param's device)")
     if shard.shape != p.shape:
@@ -177,8 +241,8 @@ def state_tensor(value, key, p, where):
     if not boundary.same_layout(shard, p):
         raise ValueError(f"{what} has strides {shard.stride()}, expected the param's "
                          f"{p.stride()} (create it with torch.zeros_like(param, "
-                         f"dtype=torch.float32))")
-    if shard.is_neg() or shard.is_conj():
+                         f"dtype={expected}))")
+    if not traced and (shard.is_neg() or shard.is_conj()):
         raise ValueError(f"{what} is a lazily negated view")
     return value
 

@@ -8,16 +8,21 @@ checkpoint's groups) and the key:
 
 - a known state tensor (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``master_param``,
   ``momentum_buffer``): a plain tensor (TypeError otherwise) with data (not meta), of a
-  dtype that casts to float32 (not complex), of the param's shape (ValueError otherwise);
-  it is copied into a new fp32 tensor with the param's device and layout (for a DTensor
-  param: a DTensor with its placements, holding this rank's part of the value -- a plain
-  tensor is taken as the full value, a DTensor on another placement is redistributed);
+  dtype that casts to the param's state dtype (float32; a float64 / complex param's own
+  dtype), of the param's shape (ValueError otherwise); it is copied into a new tensor of
+  the state dtype with the param's device and layout (a sparse COO one, which torch's SGD
+  keeps for sparse gradients, made dense; for a DTensor param: a DTensor with its
+  placements, holding this rank's part of the value -- a plain tensor is taken as the full
+  value, a DTensor on another placement is redistributed);
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
 - any plain tensor value must lie inside its storage (ValueError for a view of a freed or
   shrunk storage, before anything reads it);
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
   created at the next step as at a first step; other keys are kept as they are;
+- a group without a key the optimizer has gets its default (``decoupled_weight_decay``:
+  False on FusedAdam, as torch's Adam does), and FusedAdamW sets
+  ``decoupled_weight_decay=True`` in every group, as torch's AdamW does;
 - the loaded hyper-parameters pass the same checks as the constructor's.
 """
 
@@ -31,7 +36,6 @@ import torch
 from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim import _checks, _distributed
 
-_F32 = torch.float32
 
 
 def load(opt, state_dict):
@@ -61,7 +65,8 @@ def load(opt, state_dict):
         if "param_names" in g and "param_names" not in sg:
             sg["param_names"] = g["param_names"]
         for name, default in opt.defaults.items():
-            sg.setdefault(name, default)
+            sg.setdefault(name, opt._LOAD_DEFAULTS.get(name, default))
+        sg.update(opt._FORCED)
         try:
             opt._check_hyper_params(sg)
         except (TypeError, ValueError) as exc:
@@ -102,10 +107,12 @@ def _tensor(value, p, what) -> torch.Tensor:
     if _distributed.is_dtensor(value) and not dtensor_param:
         raise TypeError(f"{what} is a DTensor, but its param is a plain tensor")
     shard = boundary.local_tensor(value, what)
-    if shard.layout != torch.strided:
+    if shard.layout not in (torch.strided, torch.sparse_coo):
         raise TypeError(f"{what} has layout {shard.layout}, expected a strided tensor")
-    if shard.is_quantized or shard.is_complex() or not torch.can_cast(shard.dtype, _F32):
-        raise TypeError(f"{what} has dtype {shard.dtype}, which does not cast to torch.float32")
+    target = boundary.state_dtype(p.dtype)
+    if shard.is_quantized or (shard.is_complex() and not target.is_complex) \
+            or not torch.can_cast(shard.dtype, target):
+        raise TypeError(f"{what} has dtype {shard.dtype}, which does not cast to {target}")
     if shard.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor: it has no data to load")
     if dtensor_param:  # this rank's shard of the value, in a DTensor like the param
@@ -113,7 +120,9 @@ def _tensor(value, p, what) -> torch.Tensor:
     if value.shape != p.shape:
         raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
                          f"(the param's shape)")
-    copy = torch.empty_like(p, dtype=_F32)
+    if value.layout == torch.sparse_coo:  # torch's SGD keeps sparse buffers for sparse grads
+        value = _checks.sparse_values(value.cpu(), what).to_dense()
+    copy = torch.empty_like(p, dtype=target)
     copy.copy_(value)
     return copy
 

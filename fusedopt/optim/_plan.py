@@ -29,9 +29,10 @@ from itertools import repeat
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks, _distributed
+from fusedopt.optim import _checks, _distributed, _traced
 
 _F32 = torch.float32
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # the param dtypes that may have fp32 masters
 _GRAD = torch.Tensor.grad.__get__
 _is = operator.is_
 _entry_get = dict.get
@@ -55,7 +56,7 @@ class Bucket:
 
     __slots__ = ("gi", "group", "index", "positions", "keys", "params", "device", "dtype",
                  "backend", "lists", "state_lists", "copy_idx", "grads", "cache", "verified",
-                 "entries", "version", "dist", "counted")
+                 "entries", "version", "dist", "counted", "wide", "math_dtype", "sparse_ok")
 
     def __init__(self, gi, group, positions, keys, device, dtype, backend, cache, counted=True):
         self.gi, self.group, self.positions = gi, group, positions
@@ -63,6 +64,9 @@ class Bucket:
         self.keys, self.device, self.dtype, self.counted = keys, device, dtype, counted
         self.params = keys
         self.dist = None
+        self.wide = dtype in boundary.WIDE_DTYPES  # stepped by the `torch` backend
+        self.math_dtype = boundary.math_dtype(dtype)
+        self.sparse_ok = False
         self.backend, self.cache = backend, cache
         self.lists: dict = {}
         self.state_lists: tuple = ()
@@ -110,6 +114,7 @@ class Pending:
 
     def commit(self, opt) -> None:
         state = opt._fo_state
+        _traced.mark_static(value for _, _, value in self.writes)
         for p, key, value in self.writes:
             entry = state.get(p)
             if entry is None:
@@ -164,7 +169,7 @@ def _refresh(opt, b: Bucket, grads) -> bool:
             b.lists = {name: _distributed.localize(lst) for name, lst in b.dist.states.items()}
         vectors, scalars = opt._boundary_lists(b)
         b.verified = boundary.verify_update(b.cache, b.params, g, vectors, scalars,
-                                            vouch=True, fingerprint_only=True)
+                                            vouch=True, fingerprint_only=True, wide=b.wide)
     except Exception:  # anything unexpected: rebuild the plan, which checks in full
         return False
     b.grads = g
@@ -172,12 +177,17 @@ def _refresh(opt, b: Bucket, grads) -> bool:
 
 
 def _copies(b: Bucket, grads) -> list:
-    """The gradients with those at ``copy_idx`` copied to their param's layout."""
+    """The gradients with those at ``copy_idx`` copied to their param's layout (a sparse
+    one made dense)."""
     out = list(grads)
     for k in b.copy_idx:
         g, p = out[k], b.params[k]
-        if type(g) not in boundary.PLAIN_TYPES or g.layout != torch.strided \
-                or g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+        if type(g) not in boundary.PLAIN_TYPES or g.dtype != p.dtype or g.device != p.device \
+                or g.shape != p.shape:
+            raise ValueError("gradient changed")
+        if g.layout == torch.sparse_coo and b.sparse_ok:
+            g = _checks.sparse_values(g, b.where(k)).to_dense()
+        elif g.layout != torch.strided:
             raise ValueError("gradient changed")
         boundary.check_storage(g, "gradient")  # the copy reads it (a freed storage: refused)
         copy = torch.empty_like(p)
@@ -198,8 +208,10 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
             continue
         where = f"param {j} of param group {gi}"
         _checks.step_param(p, where)
-        needs_copy[j] = _checks.grad(g, p, where, name)
+        needs_copy[j] = _checks.grad(g, p, where, name, opt._SPARSE_GRADS)
         counted = True if norm_group is None else norm_group.counted(p)
+        if (p.device, p.dtype) not in opt._fo_backends:
+            opt._backend_for(p.device, p.dtype, where)
         split.setdefault((p.device, p.dtype, counted), []).append(j)
     buckets = []
     old = opt._fo_plans.get(gi)
@@ -207,8 +219,9 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
         if old is not None else {}
     for (device, dtype, counted), positions in split.items():
         keys = [params[j] for j in positions]
-        b = Bucket(gi, group, positions, keys, device, dtype, opt._backend_for(device),
+        b = Bucket(gi, group, positions, keys, device, dtype, opt._backend_for(device, dtype),
                    old_caches.get((device, dtype, counted), {}), counted)
+        b.sparse_ok = opt._SPARSE_GRADS
         b.copy_idx = [k for k, j in enumerate(positions) if needs_copy[j]]
         opt._state_lists(b, pending)
         bucket_grads = [grads[j] for j in positions]
@@ -221,7 +234,7 @@ def _build(opt, gi, group, grads, layout, pending) -> GroupPlan:
         b.grads = _copies(b, bucket_grads) if b.copy_idx else bucket_grads
         vectors, scalars = opt._boundary_lists(b)
         b.verified = boundary.verify_update(b.cache, b.params, b.grads, vectors, scalars,
-                                            describe=b.describe, vouch=True)
+                                            describe=b.describe, vouch=True, wide=b.wide)
         buckets.append(b)
     return GroupPlan(params, grads, layout, opt._fo_epoch, buckets)
 
@@ -235,6 +248,16 @@ def entry_of(opt, b: Bucket, i: int) -> dict:
         raise TypeError(f"optimizer.state[{b.where(i)}] must be a dict, got "
                         f"{type(entry).__name__}")
     return entry
+
+
+def state_zeros(p):
+    """A new moment / momentum buffer of param ``p``: zeros of its state dtype, its layout."""
+    return torch.zeros_like(p, dtype=boundary.state_dtype(p.dtype))
+
+
+def master_copy(p):
+    """The fp32 master of a low-precision param, made from it (its layout kept)."""
+    return p.detach().to(_F32, copy=True)
 
 
 def vector_state(opt, b: Bucket, key: str, pending: Pending, make) -> list:

@@ -21,12 +21,12 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 import torch
 
-from fusedopt.optim import _loading
+from fusedopt.optim import _loading, _ops
 
 # caches, and the process group (which does not pickle): an unpickled optimizer takes its
 # DTensor params' mesh again, or none
-_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches", "_fo_norm", "_fo_group_arg",
-              "process_group")
+_TRANSIENT = ("_fo_backends", "_fo_plans", "_fo_norm_caches", "_fo_store_id", "_fo_store",
+              "_fo_norm", "_fo_group_arg", "process_group")
 
 
 class StateView(MutableMapping):
@@ -142,8 +142,15 @@ class StateMixin:
         flags = state.pop("_fo_sgd_flags", {})
         if internal is None:  # torch's layout: {"defaults", "state", "param_groups"}
             internal = dict(state.pop("state", {}))
+        vars_ = state.setdefault("_fo_vars", {})
+        vars_.setdefault("last_grad_norm", state.pop("last_grad_norm", None))
         super().__setstate__(state)
+        for group in self.param_groups:  # a pickle of an older version lacks newer keys
+            for name, default in self.defaults.items():
+                group.setdefault(name, self._LOAD_DEFAULTS.get(name, default))
+            group.update(self._FORCED)
         self._fo_backends = {}
+        self._fo_store_id, self._fo_store = _ops.new_store()
         self._fo_norm = self._fo_group_arg = self.process_group = None
         self._fo_reset(internal)
         self._fo_hidden, self._fo_sgd_flags = set(hidden), dict(flags)

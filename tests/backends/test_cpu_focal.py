@@ -1,5 +1,5 @@
 """The `cpu` softmax focal and sigmoid focal entry points and scale_grad_, called directly,
-against torch formulas written out from SPEC.md in float64 (autograd for the gradients;
+against torch formulas written out from docs/losses.md in float64 (autograd for the gradients;
 torchvision's RetinaNet loss for the sigmoid one), F.cross_entropy for gamma = 0, and the
 registry entries of the cpu loss ops."""
 

@@ -1,7 +1,8 @@
 """The `cpu` cross-entropy entry point (C++ kernels of csrc/cpu), called directly, against
 F.cross_entropy in float64 (reduction='none', autograd for the gradient) and independent
 torch formulas for z-loss and soft-capping; bf16/fp16 gradients by flash-attention's rule
-(the fp32 row losses at fp32 tolerance); the shapes that break kernels (DESIGN.md); thread-count independence and determinism.
+(the fp32 row losses at fp32 tolerance); the shapes that break kernels (one class, odd and
+vector-unaligned class counts, strided rows); thread-count independence and determinism.
 Focal and sigmoid focal: test_cpu_focal.py."""
 
 import itertools

@@ -1,9 +1,9 @@
 """The `cuda` backend's cross-entropy kernel (csrc/cuda/cross_entropy.cu), called through
 its launcher (fusedopt/backends/cuda/losses.py) on CUDA tensors, against F.cross_entropy in
-float64: every flag of SPEC §1 (class weights, ignore_index, label smoothing, soft targets,
+float64: every flag of the losses (class weights, ignore_index, label smoothing, soft targets,
 z-loss, soft-capping), int64/int32/uint8 targets; bf16/fp16 gradients by flash-attention's
 rule, the fp32 row losses at fp32 tolerance whatever the logits' dtype.
-Shapes from DESIGN.md: C = 1, 3, 4097, 32000, 50257, 128256 and both sides of the row-cache
+Shapes that break kernels: C = 1, 3, 4097, 32000, 50257, 128256 and both sides of the row-cache
 limit, strided and misaligned rows, more rows than blocks. Every test is marked `gpu`:
 without a CUDA device they are skipped with the reason (tests/conftest.py). The focal
 losses and scale_grad: test_cuda_focal.py; the CPU-runnable checks of the bindings:

@@ -1,5 +1,5 @@
 """The Triton softmax focal and sigmoid focal entry points, called directly, against
-independent torch formulas written from SPEC.md (torchvision's RetinaNet loss for the
+independent torch formulas written out from docs/losses.md (torchvision's RetinaNet loss for the
 sigmoid one) and F.cross_entropy for gamma = 0.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before python
@@ -31,7 +31,7 @@ def focal_fwd(x, y, alpha=None, scale=1.0, *, gamma=2.0, eps=0.0, need_grad=True
 
 
 def focal_reference(x, y, alpha=None, scale=1.0, *, gamma=2.0, eps=0.0, dtype=torch.float64):
-    """SPEC: loss_i = -sum_c alpha_c*q_c*(1-p_c)^gamma*log p_c, q = (1-eps)*onehot + eps/C.
+    """loss_i = -sum_c alpha_c*q_c*(1-p_c)^gamma*log p_c, q = (1-eps)*onehot + eps/C.
     1 - p as -expm1(log p), kept >= the smallest normal so that autograd of u**gamma stays
     finite where p rounds to 1; terms with q_c = 0 are 0 (also where log p = -inf)."""
     x = x.detach().to(dtype).requires_grad_()

@@ -230,3 +230,14 @@ def dtensor_lists_refused_by_backend_entry_points(b):
         assert "is a DTensor" in str(e), e
     else:
         raise AssertionError("a DTensor reached the norm kernel")
+
+
+@case
+def dtensor_params_compiled_step_is_refused(b):
+    """torch.compile of the step does not trace the norm's all-reduce: refused at trace
+    time, nothing stepped."""
+    ps, plain = _dtensor_params(device_of(b))
+    opt = fo.optim.FusedAdamW(ps, lr=1e-2, max_grad_norm=0.5, backend=b)
+    _grads(ps, plain, 0)
+    compiled = torch.compile(opt.step, backend="eager", fullgraph=True)
+    _refused(opt, ps, compiled, Exception, r"on torch\.distributed .* is not supported")

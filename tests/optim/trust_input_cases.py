@@ -10,6 +10,7 @@ import torch
 
 import fusedopt as fo
 from fusedopt import backends
+from optim_helpers import assert_bit_identical, snapshot
 from trust_common import (BF16, BIG, Sub, case, device_of, params_on, refused, seeded_grads,
                           step_refused, stepped_adam, stepped_sgd)
 
@@ -50,7 +51,7 @@ def grad_resized_sparse_or_subclass(b):
         ps[2].grad = Sub(ps[2].grad.clone())
 
     step_refused(b, stepped_adam, resize, ValueError, r"shape \(3,\)")
-    step_refused(b, stepped_adam, sparse, TypeError, "sparse gradients")
+    step_refused(b, stepped_adam, sparse, TypeError, "does not support torch.sparse_coo gradients")
     step_refused(b, stepped_adam, sub, TypeError, "gradient of param 2 .* is a Sub")
 
 
@@ -59,11 +60,22 @@ def param_swapped_or_freed(b):
     def to_float64(opt, ps):
         ps[1].data = ps[1].data.double()
 
+    def to_float64_with_grad(opt, ps):
+        ps[1].data = ps[1].data.double()
+        ps[1].grad = ps[1].grad.double()
+
     def reshaped(opt, ps):
         ps[1].data = ps[1].data.reshape(7, 5)
         ps[1].grad = torch.zeros(7, 5, device=ps[1].device)
 
-    step_refused(b, stepped_adam, to_float64, TypeError, "param 1 of param group 0 has dtype torch.float64")
+    step_refused(b, stepped_adam, to_float64, TypeError,
+                 "gradient of param 1 of param group 0 has dtype torch.float32, expected "
+                 "torch.float64")
+    # a float64 param is stepped by the torch backend with float64 states only
+    step_refused(b, stepped_adam, to_float64_with_grad, TypeError,
+                 r"\['exp_avg'\] has dtype torch.float32, expected torch.float64" if b == "torch"
+                 else f"param 1 of param group 0 has dtype torch.float64, which fusedopt "
+                      f"backend '{b}' cannot step")
     step_refused(b, stepped_adam, reshaped, ValueError, r"\['exp_avg'\] has shape \(5, 7\), expected \(7, 5\)")
     # a param whose storage was freed (as FSDP does between uses); torch itself crashes on
     # reading it, so only the other params are compared
@@ -98,6 +110,28 @@ def gradient_storage_freed_or_shrunk_after_a_verified_step(b):
         big.untyped_storage().resize_(size)
         refused(opt, ps, opt.step, ValueError,
                 "gradient of param 1 of param group 0 reaches past the end of its storage")
+
+
+@case
+def compiled_step_with_freed_storage(b):
+    """The guards of a compiled step do not see a storage freed in place (the shape stays):
+    fusedopt::verify_step refuses it before any op of the step wrote, so the bucket of the
+    other param group is unchanged too."""
+    ps = params_on(device_of(b))
+    opt = fo.optim.FusedAdamW([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2, backend=b)
+    # aot_eager as Inductor restores grad mode when an op raises (Dynamo's "eager" does not)
+    compiled = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    compiled()
+    compiled()
+    before = snapshot(opt, ps[:2])
+    ps[2].untyped_storage().resize_(0)
+    try:
+        compiled()
+    except ValueError as e:
+        assert re.search("bucket of param group 1: params\\[0\\] .*no data", str(e)), e
+    else:
+        raise AssertionError("freed storage not refused")
+    assert_bit_identical(before, snapshot(opt, ps[:2]))
 
 
 def _subclass_params():

@@ -36,7 +36,7 @@ def load_subclass_or_meta_or_complex_state(b):
     for value, exc, pattern in [(Sub(torch.zeros(5, 7)), TypeError, "is a Sub"),
                                 (torch.zeros(5, 7, device="meta"), ValueError, "meta tensor"),
                                 (torch.zeros(5, 7, dtype=torch.complex64), TypeError, "complex64"),
-                                (torch.zeros(3, 3).to_sparse(), TypeError, "layout"),
+                                (torch.zeros(5, 7).to_sparse_csr(), TypeError, "layout"),
                                 ([0.0] * 35, TypeError, "must be a tensor, got list")]:
         load_refused(b, stepped_adam, lambda sd: sd["state"][1].update(exp_avg_sq=value), exc,
                       r"param 1, key 'exp_avg_sq'.*" + pattern)
