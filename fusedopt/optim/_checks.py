@@ -184,8 +184,9 @@ def grad(g, p, where, optimizer, sparse_ok=False, traced=False) -> bool:
         return True
     if not traced and (shard.is_neg() or shard.is_conj()):
         raise ValueError(f"the gradient of {where} is a lazily negated view")
-    # before a gradient laid out unlike its param is copied (which reads it)
-    boundary.check_storage(shard, f"the gradient of {where}")
+    if not traced:  # before a gradient laid out unlike its param is copied (which reads
+        # it); a traced step has fusedopt::verify_step check the storages when it runs
+        boundary.check_storage(shard, f"the gradient of {where}")
     if dtensor_param:
         return _distributed.check_grad(g, p, where)
     return not boundary.same_layout(g, p)
