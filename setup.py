@@ -10,6 +10,13 @@
   one is embedded for newer GPUs.  The runtime linked in is the toolkit's own, so the
   extension needs a driver for that CUDA version (13.x: R580+).
 
+``FUSEDOPT_SANITIZE=address`` builds ``fusedopt._cpu`` with AddressSanitizer (compile and
+link flags below; comma-separated sanitizer names are passed to ``-fsanitize=``).  Such a
+module loads into an ordinary python only with the sanitizer's runtime preloaded:
+``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+ASAN_OPTIONS=detect_leaks=0 python ...``
+(scripts/asan_check.sh builds one into a temporary folder and runs the tests under it).
+
 Every source file is compiled in parallel, ``FUSEDOPT_BUILD_JOBS`` (default: all CPUs)
 at a time, and both extensions are built at the same time.  Neither extension includes a
 torch header, so torch is not a build requirement.
@@ -34,6 +41,21 @@ INCLUDE = ["csrc/include", pybind11.get_include()]
 # both sides of a select (the loss math's branch-free selects, math_loss.h) and vectorise.
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
              "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
+
+
+def sanitizer_flags():
+    """(compile flags, link flags) for FUSEDOPT_SANITIZE (empty when unset)."""
+    names = os.environ.get("FUSEDOPT_SANITIZE", "").strip()
+    if not names:
+        return [], []
+    allowed = {"address", "undefined"}
+    unknown = set(names.split(",")) - allowed
+    if unknown:
+        raise RuntimeError(f"FUSEDOPT_SANITIZE: unknown sanitizer(s) {sorted(unknown)}; "
+                           f"expected a comma-separated subset of {sorted(allowed)}")
+    # -O1 and frame pointers: exact reports with usable stacks, at a moderate slow-down
+    flag = f"-fsanitize={names}"
+    return [flag, "-fno-omit-frame-pointer", "-g", "-O1"], [flag]
 
 
 def _rel(paths):
@@ -125,14 +147,15 @@ class BuildExt(build_ext):
 
 
 def extensions():
+    sanitize_compile, sanitize_link = sanitizer_flags()
     exts = [
         Extension(
             "fusedopt._cpu",
             sources=_rel((ROOT / "csrc" / "cpu").glob("*.cpp"))
             + _rel((ROOT / "csrc" / "bindings").glob("cpu_*.cpp")),
             include_dirs=INCLUDE,
-            extra_compile_args=CXX_FLAGS,
-            extra_link_args=["-fopenmp"],
+            extra_compile_args=CXX_FLAGS + sanitize_compile,
+            extra_link_args=["-fopenmp"] + sanitize_link,
             language="c++",
         )
     ]

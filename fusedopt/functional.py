@@ -16,6 +16,7 @@ import torch
 
 from fusedopt import backends, ops
 from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
+from fusedopt.backends._plain import check_storage
 from fusedopt.ops import _common
 from fusedopt.ops._dtensor import is_dtensor
 
@@ -29,12 +30,28 @@ _FP32 = torch.finfo(torch.float32)  # the kernels use every float argument in fp
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
+def _check_memory(name, tensor):
+    """A tensor with memory of its own lies inside its storage: a view of a storage freed by
+    ``resize_(0)`` (as FSDP does between uses) would be read out of bounds by any backend,
+    torch's own ops included (the (N, C, d..) -> (M, C) copy, the `torch` backend), so it
+    is refused here, once for every backend.  Tensors without memory of their own
+    (``__torch_dispatch__`` subclasses such as DTensor and FakeTensor, torch.func's
+    grad/vmap wrappers, meta tensors) and code being traced by torch.compile (which cannot
+    read storage metadata) are left to the kernel boundary."""
+    if torch.compiler.is_compiling() or tensor.device.type == "meta" or \
+            torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python) or \
+            not torch._C._has_storage(tensor):
+        return
+    check_storage(tensor, name)
+
+
 def _check_input(input, dtypes=_INPUT_DTYPES):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"input must be {names}, got {input.dtype}")
+    _check_memory("input", input)
 
 
 def _check_backend_dtype(op, input, backend):
@@ -93,6 +110,7 @@ def _check_classes(input, target, ignore_index, *, allow_soft):
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     _check_same_device(input, "target", target)
+    _check_memory("target", target)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
@@ -129,6 +147,7 @@ def _check_class_vector(input, name, tensor):
         raise ValueError(f"{name} must have shape ({n_classes},) (one value per class of input "
                          f"shape {tuple(input.shape)}), got {tuple(tensor.shape)}")
     _check_same_device(input, name, tensor)
+    _check_memory(name, tensor)
 
 
 def _check_z_loss_softcap(z_loss, softcap):
@@ -194,6 +213,7 @@ def sigmoid_focal_loss(input, target, alpha=0.25, gamma=2.0, reduction="none", *
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     _check_same_device(input, "target", target)
+    _check_memory("target", target)
     if target.shape != input.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal input shape "
                          f"{tuple(input.shape)}")

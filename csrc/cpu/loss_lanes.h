@@ -6,8 +6,9 @@
 //
 // FO_LOSS_CLONES compiles a row kernel three times -- x86-64-v4 (AVX-512), x86-64-v3
 // (AVX2) and baseline x86-64 -- and picks one when the module loads (an ifunc on the
-// CPU's feature bits), so no -march=native is needed. Elsewhere it is empty, and
-// -DFO_LOSS_CLONES= builds one ISA only (to check that every ISA gives the same bits).
+// CPU's feature bits), so no -march=native is needed. Elsewhere it is empty.
+// tests/backends/test_cpu_isas.py checks that every clone gives the same bits, by
+// forcing each clone of the built extension through its ifunc slot in turn.
 // The OpenMP loops stay outside the cloned functions (an outlined parallel region would
 // not inherit the clone's ISA).
 #pragma once
@@ -121,12 +122,12 @@ struct LaneLse {
   FO_LANES_INLINE void fold(const float* x) {
     for (int l = 0; l < kLanes; ++l) loss_math::lse_fold(m[l], d[l], x[l]);
   }
-  // Row max and sum_j exp(x_j - row max), lanes merged in order.
+  // Row max and sum_j exp(x_j - row max), lanes merged in order (NaN for a +inf max).
   FO_LANES_INLINE void finish(float& row_max, float& sum) const {
     float mm = m[0], dd = d[0];
     for (int l = 1; l < kLanes; ++l) loss_math::lse_merge(mm, dd, m[l], d[l]);
     row_max = mm;
-    sum = dd;
+    sum = loss_math::lse_sum_at_max(mm, dd);
   }
 };
 

@@ -6,9 +6,12 @@
 // over the local columns j of a rank holding the classes [offset, offset + C) of
 // num_classes, x = s tanh(l/s) with soft-capping:
 //   row stats  = [max_j x_j, sum_j exp(x_j - max), x_y if y is local else 0,
-//                 sum_j w_j x_j (smoothing, else 0)]
-//   soft target: [max, sum exp, sum_j r_j x_j, sum_j r_j],
+//                 sum_j w_j (max - x_j) (smoothing, else 0)]
+//   soft target: [max, sum exp, sum_j r_j (max - x_j), sum_j r_j],
 //                r_j = w_j ((1-eps) q_j + eps/num_classes)
+//   The gap sums are kept per lane relative to the lane's running max (gap_fold) and moved
+//   to the shard's max at the end (gap_at_max): every addend >= 0, nothing cancels, also
+//   for logits of 1e30; the ops layer moves them on to the row max of all shards.
 //   gradient from coefs = [row_max, log_sum, a, b, c] (the full row, combined):
 //     dx_j = exp(x_j - row_max) a / exp(log_sum) - t_j,   dl_j = dx_j (1 - (x_j/s)^2)
 //     class: t_j = c w_j + b [offset + j == y];  soft: t_j = c r_j
@@ -43,6 +46,40 @@ FO_LANES_INLINE void soft_weights(const T* q, const float* w, int64_t n, float e
   }
 }
 
+// Per-lane gap sums g = sum w (m - x) relative to the lane maxima m of a LaneLse, and
+// their weights w; fold before the LaneLse folds the same values.
+struct LaneGap {
+  float g[kLanes] = {};
+  float w[kLanes] = {};
+
+  // The first n lanes of x with weights `weight` (nullptr: 1 each).
+  FO_LANES_INLINE void fold(const LaneLse& lse, const float* x, const float* weight,
+                            int64_t n) {
+    for (int l = 0; l < kLanes; ++l) {
+      float gl = g[l], wl = w[l];
+      loss_math::gap_fold(gl, wl, lse.m[l], x[l], l < n ? (weight ? weight[l] : 1.0f) : 0.0f);
+      g[l] = l < n ? gl : g[l];
+      w[l] = l < n ? wl : w[l];
+    }
+  }
+  // The first n lanes of x with weights r (kLanes values).
+  FO_LANES_INLINE void fold_weights(const LaneLse& lse, const float* x, const float* r,
+                                    int64_t n) {
+    for (int l = 0; l < kLanes; ++l) {
+      float gl = g[l], wl = w[l];
+      loss_math::gap_fold(gl, wl, lse.m[l], x[l], r[l]);
+      g[l] = l < n ? gl : g[l];
+      w[l] = l < n ? wl : w[l];
+    }
+  }
+  // The lanes moved to the row max and added in order.
+  FO_LANES_INLINE float finish(const LaneLse& lse, float row_max) const {
+    float s = 0.0f;
+    for (int l = 0; l < kLanes; ++l) s += loss_math::gap_at_max(g[l], w[l], lse.m[l], row_max);
+    return s;
+  }
+};
+
 template <typename T>
 const T* row_of(const void* base, int64_t stride, int64_t row) {
   return static_cast<const T*>(base) + row * stride;
@@ -62,24 +99,22 @@ FO_LOSS_CLONES void class_stats_row(const VocabParallelParams& p, int64_t row, i
     if (kCap) x_y = loss_math::softcap_value(x_y, cap);
   }
   LaneLse lse;
-  float swx[kLanes] = {};
+  LaneGap gap;
   float x[kLanes];
   for (int64_t j = 0; j < full; j += kLanes) {
     load_lanes<kCap>(in + j, cap, x);
+    if (kSmooth) gap.fold(lse, x, kSmooth == 2 ? p.weight + j : nullptr, kLanes);
     lse.fold(x);
-    if (kSmooth)
-      for (int l = 0; l < kLanes; ++l) swx[l] += (kSmooth == 2 ? p.weight[j + l] : 1.0f) * x[l];
   }
   if (rest) {
     load_tail<kCap>(in + full, rest, cap, -loss_math::kInf, x);
+    if (kSmooth) gap.fold(lse, x, kSmooth == 2 ? p.weight + full : nullptr, rest);
     lse.fold(x);
-    if (kSmooth)
-      for (int l = 0; l < rest; ++l) swx[l] += (kSmooth == 2 ? p.weight[full + l] : 1.0f) * x[l];
   }
   float* out = p.stats + row * kVocabStatsWidth;
   lse.finish(out[0], out[1]);
   out[2] = x_y;
-  out[3] = kSmooth ? lane_sum(swx) : 0.0f;
+  out[3] = kSmooth ? gap.finish(lse, out[0]) : 0.0f;
 }
 
 template <typename T, bool kCap, bool kWeighted>
@@ -90,7 +125,7 @@ FO_LOSS_CLONES void soft_stats_row(const VocabParallelParams& p, int64_t row) {
   const T* q = row_of<T>(p.target, p.target_row_stride, row);
   const int64_t full = n_cols - n_cols % kLanes, rest = n_cols - full;
   LaneLse lse;
-  float srx[kLanes] = {}, sr[kLanes] = {};
+  LaneGap gap;
   float x[kLanes], r[kLanes];
   for (int64_t j = 0; j < full + (rest ? kLanes : 0); j += kLanes) {
     const int64_t n = j < full ? kLanes : rest;
@@ -99,16 +134,13 @@ FO_LOSS_CLONES void soft_stats_row(const VocabParallelParams& p, int64_t row) {
     else
       load_tail<kCap>(in + j, n, cap, -loss_math::kInf, x);
     soft_weights<kWeighted>(q + j, at(p.weight, j), n, eps, inv, r);
+    gap.fold_weights(lse, x, r, n);
     lse.fold(x);
-    for (int l = 0; l < kLanes; ++l) {
-      srx[l] += l < n ? r[l] * x[l] : 0.0f;
-      sr[l] += r[l];
-    }
   }
   float* out = p.stats + row * kVocabStatsWidth;
   lse.finish(out[0], out[1]);
-  out[2] = lane_sum(srx);
-  out[3] = lane_sum(sr);
+  out[2] = gap.finish(lse, out[0]);
+  out[3] = lane_sum(gap.w);
 }
 
 template <typename T, bool kCap, int kSmooth>

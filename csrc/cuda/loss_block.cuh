@@ -125,7 +125,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-// Block-wide merge of per-thread (max m, d = sum exp(x - m)); every thread gets the result.
+// Block-wide merge of per-thread (max m, d = sum exp(x - m)); every thread gets the result
+// (d NaN for a +inf max, lse_sum_at_max).
 // `scratch` holds 2 * kLossWarps floats of shared memory. Its barriers also publish the
 // row cache written before it to every thread.
 __device__ __forceinline__ void block_lse(float& m, float& d, float* scratch) {
@@ -147,6 +148,7 @@ __device__ __forceinline__ void block_lse(float& m, float& d, float* scratch) {
 #pragma unroll
   for (int w = 1; w < kLossWarps; ++w)
     loss_math::lse_merge(m, d, scratch[w], scratch[kLossWarps + w]);
+  d = loss_math::lse_sum_at_max(m, d);
 }
 
 // Writes `value` to every element of a row of n values.

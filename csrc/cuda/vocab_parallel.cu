@@ -6,9 +6,12 @@
 // csrc/cpu/vocab_parallel.cpp uses), per row, over the local columns j of a rank holding
 // the classes [offset, offset + C) of num_classes, x = s tanh(l/s) with soft-capping:
 //   row stats  = [max_j x_j, sum_j exp(x_j - max), x_y if y is local else 0,
-//                 sum_j w_j x_j (smoothing, else 0)]
-//   soft target: [max, sum exp, sum_j r_j x_j, sum_j r_j],
+//                 sum_j w_j (max - x_j) (smoothing, else 0)]
+//   soft target: [max, sum exp, sum_j r_j (max - x_j), sum_j r_j],
 //                r_j = w_j ((1-eps) q_j + eps/num_classes)
+//   The gap sums are kept per thread relative to the thread's running max (gap_fold),
+//   moved to the row's max (gap_at_max) and then summed over the block: every addend
+//   >= 0, nothing cancels, also for logits of 1e30.
 //   gradient from coefs = [row_max, log_sum, a, b, c] (the full row, combined):
 //     dx_j = exp(x_j - row_max) a / exp(log_sum) - t_j,   dl_j = dx_j (1 - (x_j/s)^2)
 //     class: t_j = c w_j + b [offset + j == y];  soft: t_j = c r_j
@@ -65,20 +68,22 @@ __global__ void __launch_bounds__(kLossThreads) class_stats_kernel(const VocabPa
       continue;
     }
     const T* in = row_at<T>(p.logits, p.logits_row_stride, row);
-    float m = -kInf, d = 0.0f, swx = 0.0f;
+    float m = -kInf, d = 0.0f, gap = 0.0f, sum_w = 0.0f;
     for_row(in, p.n_cols, static_cast<T*>(nullptr), [&](int64_t j, float x) {
       x = capped<kCapped>(x, cap);
+      if constexpr (kSmoothing) loss_math::gap_fold(gap, sum_w, m, x, weight_at(p.weight, j));
       loss_math::lse_fold(m, d, x);
-      if constexpr (kSmoothing) swx += weight_at(p.weight, j) * x;
     });
+    const float thread_max = m;
     block_lse(m, d, scratch);
-    if constexpr (kSmoothing) swx = block_sum(swx, scratch);
+    if constexpr (kSmoothing)
+      gap = block_sum(loss_math::gap_at_max(gap, sum_w, thread_max, m), scratch);
     if (threadIdx.x == 0) {
       const int64_t local = vocab_math::owned_column(y, p.class_offset, p.n_cols);
       out[0] = m;
       out[1] = d;
       out[2] = local >= 0 ? capped<kCapped>(to_float(in[local]), cap) : 0.0f;
-      out[3] = swx;
+      out[3] = kSmoothing ? gap : 0.0f;
     }
   }
 }
@@ -91,23 +96,23 @@ __global__ void __launch_bounds__(kLossThreads) soft_stats_kernel(const VocabPar
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
     const T* in = row_at<T>(p.logits, p.logits_row_stride, row);
     const T* q = row_at<T>(p.target, p.target_row_stride, row);
-    float m = -kInf, d = 0.0f, srx = 0.0f, sr = 0.0f;
+    float m = -kInf, d = 0.0f, gap = 0.0f, sr = 0.0f;
     for_row(in, p.n_cols, static_cast<T*>(nullptr), [&](int64_t j, float x) {
       x = capped<kCapped>(x, cap);
-      loss_math::lse_fold(m, d, x);
       const float r = loss_math::soft_target_weight(to_float(q[j]), weight_at(p.weight, j),
                                                     eps, inv_classes);
-      srx += r * x;
-      sr += r;
+      loss_math::gap_fold(gap, sr, m, x, r);
+      loss_math::lse_fold(m, d, x);
     });
+    const float thread_max = m;
     block_lse(m, d, scratch);
-    srx = block_sum(srx, scratch);
+    gap = block_sum(loss_math::gap_at_max(gap, sr, thread_max, m), scratch);
     sr = block_sum(sr, scratch);
     if (threadIdx.x == 0) {
       float* out = p.stats + row * kVocabStatsWidth;
       out[0] = m;
       out[1] = d;
-      out[2] = srx;
+      out[2] = gap;
       out[3] = sr;
     }
   }

@@ -13,10 +13,11 @@ data, no device sync): a few microseconds per call.
 What is verified, for every tensor:
 - its type is exactly ``torch.Tensor`` or ``torch.nn.Parameter`` (a plain tensor with a
   flag); any other subclass -- DTensor, FakeTensor, a wrapper subclass whose data pointer
-  is not its data -- is refused with a TypeError;
+  is not its data -- is refused with a TypeError (`_plain.plain`, shared with the
+  optimizer boundary);
 - a strided, non-negated layout on the device the kernel runs on (the same for all the
-  tensors of a call), every element it spans inside its storage (a storage resized to 0
-  or shrunk under a view is refused);
+  tensors of a call), every element it spans inside its storage (`_plain.check_storage`:
+  a storage resized to 0 or shrunk under a view is refused);
 - its dtype, shape, and the strides the kernel walks.  A dimension of size 1 may have any
   stride (it is never stepped over): such tensors are passed with the stride the kernel
   would use for a contiguous one.
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+from fusedopt.backends._plain import check_storage, plain
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -47,31 +50,18 @@ def plain_tensor(op: str, name: str, t, device: torch.device | None = None,
                  device_types: tuple[str, ...] = ()) -> torch.Tensor:
     """`t` is a plain strided tensor whose memory the kernel may address directly: on
     `device` when given, else on a device of one of `device_types` when given."""
-    if type(t) not in _PLAIN_TYPES:
-        what = type(t).__name__ if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
-        raise TypeError(
-            f"{op}: {name} must be a plain torch.Tensor, got {what}; tensor subclasses "
-            f"(DTensor, FakeTensor, ...) cannot be handed to a compiled kernel -- pass the "
-            f"local tensor")
+    what = f"{op}: {name}"
+    plain(t, what)
     if t.layout != torch.strided:
-        raise ValueError(f"{op}: {name} must be a strided (dense) tensor, got layout {t.layout}")
+        raise ValueError(f"{what} must be a strided (dense) tensor, got layout {t.layout}")
     if t.is_neg():
-        raise ValueError(f"{op}: {name} is a lazily negated view; pass {name}.resolve_neg()")
+        raise ValueError(f"{what} is a lazily negated view; pass {name}.resolve_neg()")
     if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the logits' "
-                         f"device)")
+        raise ValueError(f"{what} is on {t.device}, expected {device} (the logits' device)")
     if device_types and t.device.type not in device_types:
-        raise ValueError(f"{op}: {name} is on {t.device}; this backend runs on "
+        raise ValueError(f"{what} is on {t.device}; this backend runs on "
                          f"{' or '.join(device_types)} tensors")
-    if t.numel() > 0:
-        last = t.storage_offset()
-        for n, st in zip(t.shape, t.stride()):
-            last += (n - 1) * st
-        nbytes = t.untyped_storage().nbytes()
-        if (last + 1) * t.element_size() > nbytes:
-            raise ValueError(f"{op}: {name} reaches past the end of its storage ({nbytes} "
-                             f"bytes for shape {tuple(t.shape)}, strides {t.stride()}, offset "
-                             f"{t.storage_offset()}): was the storage freed or resized?")
+    check_storage(t, what)
     return t
 
 
@@ -195,3 +185,68 @@ def scaled_grad(op: str, grad, scale, device_types: tuple[str, ...]) -> None:
     if scale.dtype != torch.float32 or scale.numel() != 1:
         raise ValueError(f"{op}: scale must be one fp32 value, got {scale.dtype} shape "
                          f"{tuple(scale.shape)}")
+
+
+_ignore_index_arg, _softcap_arg = ignore_index, softcap  # (shadowed by vocab_shard's keywords)
+
+
+class VocabShard(NamedTuple):
+    """What a vocab-parallel kernel is told about one verified call (strides in elements)."""
+
+    n_rows: int
+    n_cols: int
+    row_stride: int  # of the logits (and of the gradient with ``inplace``)
+    target_stride: int  # the row stride of probability targets, 0 for class indices
+    class_offset: int
+    num_classes: int
+    ignore_index: int
+    label_smoothing: float
+    softcap: float | None
+
+
+def vocab_shard(op: str, logits, target, weight, coefs=None, *, class_offset, num_classes,
+                ignore_index, label_smoothing, softcap, soft_target,
+                device_types: tuple[str, ...]) -> VocabShard:
+    """Every tensor and number of one call of a vocab-parallel entry point
+    (``vocab_parallel_row_stats``, or ``vocab_parallel_grad`` when ``coefs`` is given), for
+    any compiled backend: (N, C_local) logits as for `rows` (C_local may be 0), class
+    targets or probability targets of the logits' layout, this rank's (C_local,) fp32
+    weight slice or None, (N, 5) contiguous fp32 coefficients, the local classes inside
+    [0, num_classes), and the scalars in the ranges the kernels compute right."""
+    plain_tensor(op, "logits", logits, device_types=device_types)
+    _dtype(op, "logits", logits, LOGIT_DTYPES)
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be (N, C_local), got shape {tuple(logits.shape)}")
+    n_rows, n_cols = logits.shape
+    row_stride = row_layout(op, "logits", logits) if n_cols else 0
+    device = logits.device
+    if soft_target:
+        plain_tensor(op, "target", target, device)
+        if target.dtype != logits.dtype or target.shape != logits.shape:
+            raise ValueError(f"{op}: soft targets must have the logits' shape and dtype "
+                             f"{logits.dtype} {tuple(logits.shape)}, got {target.dtype} "
+                             f"{tuple(target.shape)}")
+        target_stride = row_layout(op, "target", target) if n_cols else 0
+    else:
+        class_targets(op, target, n_rows, device)
+        target_stride = 0
+    class_vector(op, "weight", weight, n_cols, device)
+    if coefs is not None:
+        plain_tensor(op, "coefs", coefs, device)
+        if coefs.dtype != torch.float32 or coefs.shape != (n_rows, 5) or \
+                not coefs.is_contiguous():
+            raise ValueError(f"{op}: coefs must be contiguous fp32 ({n_rows}, 5), got "
+                             f"{coefs.dtype} shape {tuple(coefs.shape)} strides "
+                             f"{coefs.stride()}")
+    for name, value in (("class_offset", class_offset), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if not (0 <= class_offset and class_offset + n_cols <= num_classes <= INT64_MAX
+            and num_classes >= 1):
+        raise ValueError(f"{op}: the local classes [class_offset, class_offset + C_local) = "
+                         f"[{class_offset}, {class_offset + n_cols}) must lie in "
+                         f"[0, num_classes) = [0, {num_classes})")
+    return VocabShard(n_rows, n_cols, row_stride, target_stride, int(class_offset),
+                      int(num_classes), _ignore_index_arg(op, ignore_index),
+                      fp32_finite(op, "label_smoothing", label_smoothing),
+                      _softcap_arg(op, softcap))

@@ -15,7 +15,8 @@ Full verification, for one bucket (see docs/architecture.md, "The kernel boundar
   which the optimizers unwrap before they build the lists; every other subclass, FakeTensor
   or any ``__torch_dispatch__`` / ``__torch_function__`` one, is refused);
 - strided layout, no lazy negation/conjugation, on the bucket's device (of a type the
-  backend runs on), with a data pointer and a storage that covers its elements;
+  backend runs on), with a data pointer and a storage that covers its elements (the type
+  and storage checks are `_plain`'s, shared with the loss boundary);
 - params dense, fp32/bf16/fp16; grads of the params' dtype; states and masters fp32 (the
   lean states of `lean_adam`: bf16 moments, or int8 / uint8 codes); step counters / flags
   0-dim fp32 (the optimizer's buckets for the `torch` backend may also hold fp64/complex
@@ -28,7 +29,8 @@ Fingerprint.  A verified bucket keeps a `Verified` record in the backend's ``cac
 at every call the tensors are compared with it and fully verified again only when it
 differs.  Compared per call, with ``map`` over the tensors' C methods (docs/optimizers.md
 has the measured cost): params -- identity, data pointer, strides (a param reshaped in
-place shows in its gradient); grads -- type, dtype, device, sizes, strides, data pointer;
+place shows in its gradient); grads -- type, dtype, device, sizes, strides, data pointer,
+and that each still lies inside its storage (a gradient's storage may be freed under it);
 states -- identity, data pointer, element count.  The record keeps the
 verified state storages alive, so a state tensor whose pointer did not change still points
 into memory of the verified size.  A bucket the optimizer layer verified is "vouched" for:
@@ -42,7 +44,10 @@ import sys
 
 import torch
 
-PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+# PLAIN_TYPES: re-exported for fusedopt.optim
+from fusedopt.backends._plain import (PLAIN_TYPES, check_storage,  # noqa: F401
+                                      plain, storage_span)
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the compiled kernels take
 # params the optimizers also train, on the `torch` backend only (states of the param's dtype)
 WIDE_DTYPES = (torch.float64, torch.complex64, torch.complex128)
@@ -55,6 +60,22 @@ _T = torch.Tensor
 _ptr, _size, _stride, _numel = _T.data_ptr, _T.size, _T.stride, _T.numel
 _dtype_of, _device_of, _is_cpu = _T.dtype.__get__, _T.device.__get__, _T.is_cpu.__get__
 _is = operator.is_
+_offset, _storage, _nbytes = _T.storage_offset, _T.untyped_storage, torch.UntypedStorage.nbytes
+_add, _mul, _gt = operator.add, operator.mul, operator.gt
+
+
+def storage_spans(tensors) -> list[int]:
+    """Per tensor, the elements from its storage offset to its last element (0 if empty)."""
+    return [storage_span(t) // t.element_size() - t.storage_offset() if t.numel() else 0
+            for t in tensors]
+
+
+def inside_storages(tensors, spans, item_sizes) -> bool:
+    """Every tensor still lies inside its storage: (offset + span) * item size <= nbytes.
+    Read per call for the gradients (new tensors every step, whose storage may have been
+    freed or shrunk under them): about 0.1 us per tensor, C methods through map."""
+    need = map(_mul, map(_add, map(_offset, tensors), spans), item_sizes)
+    return not any(map(_gt, need, map(_nbytes, map(_storage, tensors))))
 
 
 def local_tensor(t, what: str) -> torch.Tensor:
@@ -144,17 +165,7 @@ def _check(t, what: str, device: torch.device, dtypes) -> torch.Tensor:
         raise TypeError(f"{what} has dtype {t.dtype}, expected {expected}")
     if t.is_neg() or t.is_conj():
         raise ValueError(f"{what} is a lazily negated view; pass a resolved tensor")
-    n = t.numel()
-    if n == 0:
-        return t
-    if t.data_ptr() == 0:
-        raise ValueError(f"{what} has {n} elements but no data (a meta tensor, or its storage "
-                         f"was freed)")
-    extent = t.storage_offset() + 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    have = t.untyped_storage().nbytes()
-    if have < extent * t.element_size():
-        raise ValueError(f"{what} needs {extent * t.element_size()} bytes of storage but its "
-                         f"storage holds {have} (resized in place?)")
+    check_storage(t, what)
     return t
 
 
@@ -174,7 +185,7 @@ class Verified:
 
     __slots__ = ("n", "params", "sizes", "strides", "grad_types", "dtypes", "devices", "on_cpu",
                  "numels", "states", "state_numels", "ptr_key", "grad_ptrs", "storages",
-                 "empty")
+                 "empty", "grad_spans", "item_sizes")
 
     def __init__(self, params, grads, vectors, scalars):
         n = self.n = len(params)
@@ -196,6 +207,8 @@ class Verified:
         self.ptr_key = (tuple(map(_ptr, params)),) + tuple(
             None if lst is None else tuple(map(_ptr, lst)) for lst in states)
         self.grad_ptrs = list(map(_ptr, grads))
+        self.grad_spans = storage_spans(grads)
+        self.item_sizes = [params[0].element_size()] * n if n else []
         self.storages = [t.untyped_storage() for lst in states if lst is not None for t in lst]
 
     def matches(self, params, grads, states) -> bool:
@@ -218,6 +231,8 @@ class Verified:
             return False
         grad_ptrs = list(map(_ptr, grads))
         if 0 in grad_ptrs and any(a == 0 and i not in self.empty for i, a in enumerate(grad_ptrs)):
+            return False
+        if not inside_storages(grads, self.grad_spans, self.item_sizes):
             return False
         for lst, refs, numels, ptrs in zip(states, self.states, self.state_numels, self.ptr_key[1:]):
             if lst is None or refs is None:
@@ -336,7 +351,8 @@ def release(cache: dict) -> None:
 class _NormRecord:
     """The fingerprint of a verified norm list (no references to the tensors)."""
 
-    __slots__ = ("types", "dtypes", "devices", "sizes", "strides", "numels", "empty")
+    __slots__ = ("types", "dtypes", "devices", "sizes", "strides", "numels", "empty", "spans",
+                 "item_sizes")
 
     def __init__(self, tensors):
         self.types = list(map(type, tensors))
@@ -346,6 +362,8 @@ class _NormRecord:
         self.strides = list(map(_stride, tensors))
         self.numels = tuple(map(_numel, tensors))
         self.empty = {i for i, k in enumerate(self.numels) if k == 0}
+        self.spans = storage_spans(tensors)
+        self.item_sizes = [t.element_size() for t in tensors]
 
     def pointers(self, tensors):
         """The data pointers when the tensors have the verified metadata, else None."""
@@ -356,6 +374,8 @@ class _NormRecord:
             return None
         ptrs = list(map(_ptr, tensors))
         if 0 in ptrs and any(a == 0 and i not in self.empty for i, a in enumerate(ptrs)):
+            return None
+        if not inside_storages(tensors, self.spans, self.item_sizes):
             return None
         return ptrs
 

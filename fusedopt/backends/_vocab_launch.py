@@ -73,7 +73,7 @@ class VocabParallelLauncher:
             boundary.class_targets(op, target, n_rows, device)
             index_code, target_stride = INDEX_CODES[target.dtype], 0
         boundary.class_vector(op, "weight", weight, n_cols, device)
-        if not 0 <= class_offset <= num_classes - n_cols:
+        if not 0 <= class_offset <= num_classes - n_cols or num_classes > boundary.INT64_MAX:
             raise ValueError(f"{op}: the local classes [{class_offset}, "
                              f"{class_offset + n_cols}) must lie in [0, {num_classes})")
         softcap = boundary.softcap(op, softcap)

@@ -9,10 +9,12 @@ target, r_j = w_j·((1-ε)·q_j + ε/C).
 vocab_parallel_row_stats -> (N, 4) fp32, per row, over this rank's columns only:
 
     [ max_j x_j,  Σ_j exp(x_j - max),
-      class: x_y if y is one of these columns else 0   | soft: Σ_j r_j·x_j,
-      class: Σ_j w_j·x_j (ε > 0; 0 otherwise)          | soft: Σ_j r_j ]
+      class: x_y if y is one of these columns else 0   | soft: Σ_j r_j·(max - x_j),
+      class: Σ_j w_j·(max - x_j) (ε > 0; else 0)       | soft: Σ_j r_j ]
 
-(-inf, 0, 0, 0 for a rank without columns).  The ops layer combines the ranks' rows with
+(-inf, 0, 0, 0 for a rank without columns).  The sums are gap sums, relative to this
+rank's max (every term >= 0, so they never cancel, also for logits of 1e30); max - x_j is
++inf at a -inf logit.  The ops layer combines the ranks' rows with
 two all-reduces and computes the loss and the coefficients of
 
 vocab_parallel_grad(coefs (N, 5) fp32 = [row_max, log_sum, a, b, c]) -> (N, C_local):
@@ -72,15 +74,17 @@ def vocab_parallel_row_stats(logits, target, weight, *, class_offset, num_classe
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)  # an all -inf row: sum 0
     stats[:, 0] = row_max
     stats[:, 1] = torch.exp(x - shift[:, None]).sum(dim=1)
+    # max - x_j >= 0, +inf at a -inf logit (also when the max is -inf): w·inf as torch's w·log p
+    gap = torch.where(x == float("-inf"), float("inf"), row_max[:, None] - x)
     if soft_target:
         r = _soft_weights(target, weight, label_smoothing, num_classes)
-        stats[:, 2] = (r * x).sum(dim=1)
+        stats[:, 2] = (r * gap).sum(dim=1)
         stats[:, 3] = r.sum(dim=1)
         return stats
     local, owned = _local_targets(target, class_offset, n_local, ignore_index)
     stats[:, 2] = torch.where(owned, x.gather(1, local[:, None]).squeeze(1), 0.0)
     if label_smoothing > 0:
-        stats[:, 3] = (x * weight if weight is not None else x).sum(dim=1)
+        stats[:, 3] = (gap * weight if weight is not None else gap).sum(dim=1)
     return stats
 
 
@@ -98,9 +102,11 @@ def vocab_parallel_grad(logits, target, weight, coefs, *, class_offset, num_clas
         local, owned = _local_targets(target, class_offset, n_local, ignore_index)
         if n_local > 0:
             grad.scatter_add_(1, local[:, None], -torch.where(owned, b, 0.0)[:, None])
-        grad.masked_fill_((target == ignore_index)[:, None], 0.0)
     if capped is not None:
         grad.mul_(1.0 - capped * capped)
+    if not soft_target:
+        # after the soft-capping factor, which is NaN at a NaN logit of an ignored row
+        grad.masked_fill_((target.long() == ignore_index)[:, None], 0.0)
     if inplace:
         logits.copy_(grad)
         return logits

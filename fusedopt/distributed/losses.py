@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fusedopt import functional as _checks
+from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
 from fusedopt.ops import _dtensor, vocab_parallel as _op
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -87,13 +88,16 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, weight=None,
             raise ValueError(f"weight must hold every class: shape ({num_classes},), got "
                              f"{tuple(weight.shape)}")
         _checks._check_same_device(local_logits, "weight", weight)
+        _checks._check_memory("weight", weight)
     _checks._check_number("z_loss", z_loss, low=0.0)
     if not math.isfinite(float(z_loss)):
         raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+    _checks._check_fp32_range("z_loss", z_loss, 0.0, _checks._FP32.max)
     if softcap is not None:
         _checks._check_number("softcap", softcap, low=0.0, low_open=True)
         if not math.isfinite(float(softcap)):
             raise ValueError(f"softcap must be finite or None, got {softcap!r}")
+        _checks._check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     return _op.vocab_parallel_cross_entropy(

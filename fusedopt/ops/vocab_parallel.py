@@ -38,19 +38,29 @@ def _all_reduce(group_name: str):
     return reduce
 
 
-def _combine(stats, target, weight, scales, all_reduce, num_classes, ignore_index,
-             label_smoothing, z_loss, soft_target):
+def _combine(stats, target, weight, local_sum_w, scales, all_reduce, num_classes,
+             ignore_index, label_smoothing, z_loss, soft_target):
     """The ranks' row statistics -> (row_loss (N,), gradient coefficients (N, 5)).
 
-    Two all-reduces: the row max, then (exp-sums rescaled to that max, the target logit
-    or sum r·x, the smoothing sum or sum r).  Formulas: docs/architecture.md."""
+    Two all-reduces: the row max M, then (the exp-sums and the gap sums, both moved from
+    each rank's max m_k to M, and the target logit).  A gap sum G_k = Σ w_j (m_k - x_j) moves
+    to M by adding W_k (M - m_k), W_k = Σ w_j over the rank's columns (the soft targets'
+    Σ r_j, else `local_sum_w`): every term stays >= 0, so nothing cancels.  Formulas:
+    docs/architecture.md."""
     eps, n_classes = label_smoothing, num_classes
     row_max = stats[:, 0].clone()
     all_reduce(row_max, "max")
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)
-    rescaled = torch.where(stats[:, 0] == float("-inf"), 0.0,
-                           stats[:, 1] * torch.exp(stats[:, 0] - shift))
-    columns = [rescaled, stats[:, 2]] + ([stats[:, 3]] if soft_target or eps > 0 else [])
+    local_max = stats[:, 0]
+    empty = local_max == float("-inf")  # no finite logit here: its gap terms are inf already
+    rescaled = torch.where(empty, 0.0, stats[:, 1] * torch.exp(local_max - shift))
+    lift = torch.where(empty, 0.0, row_max - local_max)
+    if soft_target:
+        columns = [rescaled, stats[:, 2] + stats[:, 3] * lift, stats[:, 3]]
+    else:
+        columns = [rescaled, stats[:, 2]]
+        if eps > 0:
+            columns.append(stats[:, 3] + local_sum_w * lift)
     sums = torch.stack(columns, dim=1)
     all_reduce(sums, "sum")
     log_sum = torch.log(sums[:, 0])
@@ -58,7 +68,7 @@ def _combine(stats, target, weight, scales, all_reduce, num_classes, ignore_inde
     s_ce, s_z = scales[0], scales[1]
     if soft_target:
         sum_r = sums[:, 2]
-        ce = lse * sum_r - sums[:, 1]
+        ce = log_sum * sum_r + sums[:, 1]
         a = s_ce * sum_r
         b = torch.zeros_like(lse)
         c = s_ce.expand_as(lse)
@@ -73,7 +83,7 @@ def _combine(stats, target, weight, scales, all_reduce, num_classes, ignore_inde
         ce = (1.0 - eps) * w_y * ((row_max - sums[:, 1]) + log_sum)
         a = (1.0 - eps) * w_y
         if eps > 0:
-            ce = ce + (eps / n_classes) * (lse * sum_w - sums[:, 2])
+            ce = ce + (eps / n_classes) * (log_sum * sum_w + sums[:, 2])
             a = a + (eps / n_classes) * sum_w
         a = s_ce * a
         b = s_ce * (1.0 - eps) * w_y
@@ -99,8 +109,10 @@ def _run(logits, target, weight, scales, group_name, class_offset, num_classes, 
     shard = dict(class_offset=class_offset, num_classes=num_classes, ignore_index=ignore_index,
                  label_smoothing=label_smoothing, softcap=softcap, soft_target=soft_target)
     stats = impl.vocab_parallel_row_stats(logits, target, local_weight, **shard)
-    row_loss, coefs = _combine(stats, target, weight, scales, _all_reduce(group_name),
-                               num_classes, ignore_index, label_smoothing, z_loss, soft_target)
+    local_sum_w = local_weight.sum() if local_weight is not None else float(n_local)
+    row_loss, coefs = _combine(stats, target, weight, local_sum_w, scales,
+                               _all_reduce(group_name), num_classes, ignore_index,
+                               label_smoothing, z_loss, soft_target)
     if not need_grad:
         return row_loss, None
     return row_loss, impl.vocab_parallel_grad(logits, target, local_weight, coefs,

@@ -20,6 +20,7 @@ from fusedopt.optim import _distributed
 # torch's optimizers train too, stepped by the `torch` backend with states of their dtype
 PARAM_DTYPES = boundary.PARAM_DTYPES + boundary.WIDE_DTYPES
 _DTYPE_NAMES = "float32, bfloat16, float16, float64, complex64 or complex128"
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _is_real(value) -> bool:
@@ -33,7 +34,16 @@ def group_number(group: dict, key: str) -> float:
     value = group[key]
     if not _is_real(value):
         raise TypeError(f"{key} must be a number, got {value!r}")
-    return float(value)
+    return in_fp32_range(float(value), key)
+
+
+def in_fp32_range(v: float, name: str) -> float:
+    """``v`` unless it is finite but beyond fp32: the kernels compute in fp32, where it would
+    silently become inf (and make torch's own ops raise a RuntimeError)."""
+    if math.isfinite(v) and abs(v) > _FP32_MAX:
+        raise ValueError(f"invalid {name}: {v!r} (a finite value must be representable in "
+                         f"fp32, |value| <= {_FP32_MAX:.6e})")
+    return v
 
 
 def _scalar(name, value, *, tensor_ok):
@@ -44,10 +54,12 @@ def _scalar(name, value, *, tensor_ok):
         if value.numel() != 1 or not value.is_floating_point():
             raise TypeError(f"{name} as a tensor must have one floating-point element, "
                             f"got shape {tuple(value.shape)} dtype {value.dtype}")
-        return float(value.detach().reshape(()).item())
-    if not _is_real(value):
+        v = float(value.detach().reshape(()).item())
+    elif not _is_real(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    else:
+        v = float(value)
+    return in_fp32_range(v, name)
 
 
 def lr(value, name="lr"):
@@ -172,6 +184,9 @@ def grad(g, p, where, optimizer, sparse_ok=False, traced=False) -> bool:
         return True
     if not traced and (shard.is_neg() or shard.is_conj()):
         raise ValueError(f"the gradient of {where} is a lazily negated view")
+    if not traced:  # before a gradient laid out unlike its param is copied (which reads
+        # it); a traced step has fusedopt::verify_step check the storages when it runs
+        boundary.check_storage(shard, f"the gradient of {where}")
     if dtensor_param:
         return _distributed.check_grad(g, p, where)
     return not boundary.same_layout(g, p)

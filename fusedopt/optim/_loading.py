@@ -22,6 +22,8 @@ checkpoint's groups) and the key:
   dropped;
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
+- any plain tensor value must lie inside its storage (ValueError for a view of a freed or
+  shrunk storage, before anything reads it);
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
   created at the next step as at a first step; other keys are kept as they are;
 - a group without a key the optimizer has gets its default (``decoupled_weight_decay``:
@@ -95,6 +97,11 @@ def _entry(opt, p, index, entry, group) -> dict:
         what = f"the loaded state of param {index}, key {key!r},"
         if value is None or key in out:
             continue
+        if isinstance(value, torch.Tensor) and type(value) in boundary.PLAIN_TYPES \
+                and value.layout == torch.strided and value.device.type != "meta":
+            # before anything copies it: a view of a freed or shrunk storage would be read
+            # out of bounds (torch's own loader crashes on it)
+            boundary.check_storage(value, what[:-1])
         if key == "step" and opt._STEP_KEY:
             out[key] = _step(value, p, what)
         elif key in opt._STATE_KEYS:

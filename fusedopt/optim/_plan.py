@@ -189,6 +189,7 @@ def _copies(b: Bucket, grads) -> list:
             g = _checks.sparse_values(g, b.where(k)).to_dense()
         elif g.layout != torch.strided:
             raise ValueError("gradient changed")
+        boundary.check_storage(g, "gradient")  # the copy reads it (a freed storage: refused)
         copy = torch.empty_like(p)
         copy.copy_(g)
         out[k] = copy

@@ -226,7 +226,7 @@ def test_vocab_kernel_boundary_refuses_bad_tensors(kernel):
     shard = dict(class_offset=0, num_classes=6, ignore_index=IGNORE, label_smoothing=0.1,
                  softcap=None, soft_target=False)
     coefs = torch.zeros(4, 5, device=device)
-    plain = "must be a plain torch.Tensor"
+    plain = "is a Subclass; compiled kernels take plain torch.Tensor"
 
     class Subclass(torch.Tensor):
         pass
@@ -257,7 +257,7 @@ def test_vocab_kernel_boundary_refuses_bad_tensors(kernel):
     freed = x.clone()
     view = freed[:, :]
     freed.untyped_storage().resize_(0)
-    refused(ValueError, "past the end of its storage", view, y, w)
+    refused(ValueError, "no data|past the end of its storage", view, y, w)
     refused(ValueError, "ignore_index", x, y, w, ignore_index=2 ** 63)
     refused(ValueError, "softcap", x, y, w, softcap=0.0)
     # an nn.Parameter is a plain tensor with a flag

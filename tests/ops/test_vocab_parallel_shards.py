@@ -95,27 +95,70 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
         assert torch.equal(runs[0][0][0], runs[1][0][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-def test_cpu_kernel_boundary_refuses_bad_tensors():
-    """What reaches the C++ kernels is checked first: a tensor subclass, a layout the
-    kernel cannot walk, a class range outside the vocabulary, wrong-sized side tensors."""
-    require_op("cpu", OP)
-    impl = backends.get("cpu")
-    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+@pytest.mark.parametrize("weighted", (False, True))
+@pytest.mark.parametrize("soft", (False, True), ids=("smoothing", "soft"))
+@pytest.mark.parametrize("offset", (1e6, 1e30))
+def test_large_offset_logits_match_torch(backend, soft, weighted, offset):
+    """Logits around a large offset, split unevenly over three shards (one of them all -inf
+    in one row): the per-shard sums are gap sums relative to the shard's max, moved to the
+    row max in the combination, so nothing cancels (the form lse·Σw - Σw·x lost every digit
+    at 1e30 and gave a 1e-2 relative error at 1e6).  Against float64 F.cross_entropy on the
+    full logits, at fp32 tolerances."""
+    device = require_op(backend, OP)
+    impl = backends.get(backend)
+    x, y, w = inputs(device, n_rows=5, n_classes=37, soft=soft)
+    x = x + offset if offset < 1e10 else torch.full_like(x, offset)  # equal huge logits
+    x[2, 20:] = float("-inf")
+    flags = dict(label_smoothing=0.2 if not soft else 0.05)
+    options = dict(block_size=4) if backend == "triton" else {}
+    losses, grad = emulate(impl, x, y, w if weighted else None, [0, 11, 20, 37], soft=soft,
+                           **flags, **options)
+    want, want_grad = reference(x, y, w if weighted else None, **flags)
+    finite = torch.isfinite(want)
+    assert_close(losses[0][finite], want[finite], what="row loss")
+    assert torch.equal(torch.isinf(losses[0]), torch.isinf(want)), (losses[0], want)
+    assert_close(grad, want_grad, what="grad")
+
+
+@pytest.mark.parametrize("backend_name", ("cpu", "triton"))
+def test_kernel_boundary_refuses_bad_tensors(backend_name):
+    """What reaches the vocab-parallel kernels goes through the loss kernel boundary
+    (fusedopt/backends/_loss_boundary.py, vocab_shard) first: a tensor subclass, a layout
+    the kernel cannot walk, a class range outside the vocabulary, wrong-sized side tensors,
+    a freed storage, fp32-unusable numbers.  An nn.Parameter and a (N, 1) view with any
+    column stride pass (the kernel never steps over a dimension of size 1)."""
+    device = require_op(backend_name, OP)
+    impl = backends.get(backend_name)
+    x, y = torch.randn(4, 6, device=device), torch.tensor([0, 1, 2, 3], device=device)
     shard = dict(class_offset=0, num_classes=6, ignore_index=IGNORE, label_smoothing=0.1,
                  softcap=None, soft_target=False)
 
     class Subclass(torch.Tensor):
         pass
 
-    with pytest.raises(TypeError, match="plain torch.Tensor"):
-        impl.vocab_parallel_row_stats(x.as_subclass(Subclass), y, None, **shard)
-    with pytest.raises(ValueError, match="stride"):
-        impl.vocab_parallel_row_stats(torch.randn(6, 4).t(), y, None, **shard)
-    with pytest.raises(ValueError, match="must lie in"):
-        impl.vocab_parallel_row_stats(x, y, None, **dict(shard, class_offset=2))
-    with pytest.raises(ValueError, match="weight"):
-        impl.vocab_parallel_row_stats(x, y, torch.ones(7), **shard)
-    with pytest.raises(TypeError, match="target must be int64"):
-        impl.vocab_parallel_row_stats(x, y.float(), None, **shard)
+    freed = torch.randn(6, 6, device=device)
+    view = freed[2:]
+    freed.untyped_storage().resize_(0)
+    cases = [
+        ((x.as_subclass(Subclass), y, None), {}, TypeError, "logits is a Subclass"),
+        ((torch.randn(6, 4, device=device).t(), y, None), {}, ValueError, "stride"),
+        ((x, y, None), dict(class_offset=2), ValueError, "must lie in"),
+        ((x, y, None), dict(num_classes=2 ** 63), ValueError, "must lie in"),
+        ((x, y, torch.ones(7, device=device)), {}, ValueError, "weight"),
+        ((x, y.float(), None), {}, TypeError, "target must be int64"),
+        ((view, y, None), {}, ValueError, "past the end of its storage"),
+        ((x, y, None), dict(softcap=1e-50), ValueError, "softcap"),
+        ((x, y, None), dict(ignore_index=2 ** 64), ValueError, "ignore_index"),
+    ]
+    for args, change, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            impl.vocab_parallel_row_stats(*args, **dict(shard, **change))
     with pytest.raises(ValueError, match="coefs"):
-        impl.vocab_parallel_grad(x, y, None, torch.zeros(4, 4), inplace=False, **shard)
+        impl.vocab_parallel_grad(x, y, None, torch.zeros(4, 4, device=device), inplace=False,
+                                 **shard)
+    one_column = torch.randn(4, 3, device=device).t()[:, 1:2]  # (3, 1), strides (1, 3)
+    for logits in (torch.nn.Parameter(x.clone()), one_column):
+        target = y[:logits.shape[0]]
+        stats = impl.vocab_parallel_row_stats(logits, target, None,
+                                              **dict(shard, num_classes=logits.shape[1]))
+        assert torch.equal(stats[:, 0], logits.detach().amax(dim=1))

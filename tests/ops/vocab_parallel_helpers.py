@@ -28,7 +28,7 @@ def emulate(impl, x, y, w, bounds, *, label_smoothing=0.0, z_loss=0.0, softcap=N
     row_max = torch.stack([st[:, 0] for st in stats]).amax(dim=0)
     contributions = []
 
-    def combine(st, total):
+    def combine(s, st, total):
         def all_reduce(t, op):
             if op == "max":
                 t.copy_(row_max)
@@ -37,15 +37,17 @@ def emulate(impl, x, y, w, bounds, *, label_smoothing=0.0, z_loss=0.0, softcap=N
             else:
                 t.copy_(total)
 
-        return vocab_parallel._combine(st, y, w, scales, all_reduce, n_classes, ignore_index,
-                                       label_smoothing, z_loss, soft)
+        local_sum_w = (s["weight"].sum() if s["weight"] is not None
+                       else float(s["logits"].shape[1]))
+        return vocab_parallel._combine(st, y, w, local_sum_w, scales, all_reduce, n_classes,
+                                       ignore_index, label_smoothing, z_loss, soft)
 
-    for st in stats:
-        combine(st, None)
+    for s, st in zip(shards, stats):
+        combine(s, st, None)
     total = sum(contributions[1:], contributions[0])
     losses, grads = [], []
     for s, st in zip(shards, stats):
-        row_loss, coefs = combine(st, total)
+        row_loss, coefs = combine(s, st, total)
         losses.append(row_loss)
         grads.append(impl.vocab_parallel_grad(s["logits"], s["target"], s["weight"], coefs,
                                               inplace=inplace, **s["shard"], **kernel_options))

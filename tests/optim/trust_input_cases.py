@@ -3,6 +3,7 @@ lists handed straight to a backend (run by trust_cases.py)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
@@ -10,7 +11,7 @@ import torch
 import fusedopt as fo
 from fusedopt import backends
 from optim_helpers import assert_bit_identical, snapshot
-from trust_common import (BF16, BIG, Sub, case, device_of, params_on, seeded_grads,
+from trust_common import (BF16, BIG, Sub, case, device_of, params_on, refused, seeded_grads,
                           step_refused, stepped_adam, stepped_sgd)
 
 # ------------------------------------------------------------------ gradients and params
@@ -88,6 +89,27 @@ def param_swapped_or_freed(b):
     else:
         raise AssertionError("freed storage not refused")
     assert all(torch.equal(a, p) for a, p in zip(before, ps[:2]))
+
+
+@case
+def gradient_storage_freed_or_shrunk_after_a_verified_step(b):
+    """A gradient that is a view into a storage freed (resize_(0)) or shrunk afterwards, at
+    an offset, so its data pointer is not 0 (found by the fuzz suite: the per-step
+    fingerprint compared the gradients' metadata, not their storages, and the step read
+    freed memory -- a crash on cpu and torch); laid out like the param, or transposed (a
+    gradient the optimizer copies into the param's layout first: that copy read it)."""
+    for size, make, transposed in itertools.product((0, 8), (stepped_adam, stepped_sgd),
+                                                    (False, True)):
+        ps, opt = make(b)
+        opt.step()  # the bucket is verified and fingerprinted with ordinary gradients
+        g = ps[1].grad  # (5, 7)
+        big = torch.zeros(g.numel() + 4, dtype=g.dtype, device=g.device)
+        view = big[4:].view(7, 5).t() if transposed else big[4:].view(g.shape)
+        view.copy_(g)
+        ps[1].grad = view
+        big.untyped_storage().resize_(size)
+        refused(opt, ps, opt.step, ValueError,
+                "gradient of param 1 of param group 0 reaches past the end of its storage")
 
 
 @case

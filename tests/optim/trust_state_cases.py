@@ -51,6 +51,19 @@ def load_bad_step(b):
 
 
 @case
+def load_view_of_a_freed_storage(b):
+    """Found by the fuzz suite: the loader copied such a tensor (SIGSEGV on every backend)."""
+    def freed(shape):
+        t = torch.ones(shape)
+        t.untyped_storage().resize_(0)
+        return t
+
+    for key, shape in (("exp_avg", (BIG,)), ("step", ()), ("extra", (4,))):
+        load_refused(b, stepped_adam, lambda sd: sd["state"][0].update({key: freed(shape)}),
+                     ValueError, rf"param 0, key '{key}' has \d+ elements but no data")
+
+
+@case
 def load_uint8_exp_avg_sq_is_cast_like_torch(b):
     ps, opt = stepped_adam(b)
     sd = copy.deepcopy(opt.state_dict())
@@ -129,3 +142,24 @@ def state_resized_or_data_swapped_in_place(b):
     step_refused(b, stepped_adam, resize, ValueError, r"\['exp_avg'\] has shape \(3,\)")
     step_refused(b, stepped_adam, swap, ValueError, r"\['exp_avg_sq'\] has shape \(3,\)")
     step_refused(b, stepped_adam, step_swap, ValueError, r"\['step'\] must hold one number")
+
+
+@case
+def hyper_parameter_beyond_fp32_edited_in_a_group(b):
+    """Found by the fuzz suite: a finite value that is inf in fp32 made the torch backend's
+    ops raise a RuntimeError (the compiled kernels would run with inf)."""
+    def edit(key):
+        def apply(opt, ps):
+            opt.param_groups[0][key] = 1e300
+        return apply
+
+    def fix(key, value):
+        def apply(opt, ps):
+            opt.param_groups[0][key] = value
+        return apply
+
+    for make, key in ((stepped_adam, "lr"), (stepped_adam, "eps"), (stepped_adam, "weight_decay"),
+                      (stepped_sgd, "momentum"), (stepped_sgd, "dampening")):
+        value = make(b)[1].param_groups[0][key]
+        step_refused(b, make, edit(key), ValueError, rf"invalid {key}: 1e\+300 \(a finite value",
+                     fix=fix(key, value))

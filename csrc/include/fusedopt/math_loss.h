@@ -23,7 +23,8 @@
 //   lse - x_j = log S + (M - x_j), so ce is built from log S times the summed weights
 //   plus the gap sum G = sum_j w_j (M - x_j), whose terms are all >= 0 for weights
 //   >= 0. G needs M, so the kernels add it up in the second pass over the row
-//   (smoothing_gap; row_loss_with_gap).
+//   (smoothing_gap; row_loss_with_gap); the vocab-parallel row stats, which see only a
+//   shard in one pass, keep it relative to a running max instead (gap_fold, gap_at_max).
 // Softmax focal: v_j = alpha_j q_j u_j^gamma (1 - gamma p_j log p_j / u_j), u = 1 - p.
 // Sigmoid focal: torchvision's RetinaNet loss with smoothed targets (sigmoid_focal).
 #pragma once
@@ -199,13 +200,14 @@ FO_LOSS_HD float softcap_slope(float capped, float cap) {
 }
 
 // Fold x into a lane's (max m, d = sum exp(x_k - m)) with one exponential: the smaller of
-// (m, x) is shifted by the larger. -inf logits add nothing; a NaN logit makes d NaN.
+// (m, x) is shifted by the larger. -inf logits add nothing; a NaN logit makes d NaN, also
+// when it is the first value of its lane (m still -inf: e = exp(NaN), not the 0 of a -inf).
 FO_LOSS_HD void lse_fold(float& m, float& d, float x) {
   const bool up = x > m;
   const float hi = up ? x : m;
   const float lo = up ? m : x;
   const float shifted = fexp_nonpos(lo - hi);
-  const float e = hi == -kInf ? 0.0f : shifted;
+  const float e = (hi == -kInf) & (lo == lo) ? 0.0f : shifted;
   const float d_up = d * e + 1.0f;
   const float d_same = d + e;
   d = up ? d_up : d_same;
@@ -222,6 +224,13 @@ FO_LOSS_HD void lse_merge(float& m, float& d, float m2, float d2) {
   const float d_same = d + d2 * e;
   d = up ? d_up : d_same;
   m = hi;
+}
+
+// The merged sum of a row, NaN when its max is +inf: torch's log-softmax is then NaN for
+// the whole row (x - lse = inf - inf), while the online sum would be finite (exp(x - inf)
+// = 0 for the finite logits, 1 for the +inf one) and give an infinite loss.
+FO_LOSS_HD float lse_sum_at_max(float row_max, float sum) {
+  return row_max == kInf ? bits_as_float(0x7fc00000u) : sum;
 }
 
 // p_j = exp(x_j - row_max) / sum_k exp(x_k - row_max), with the division folded into a
@@ -267,6 +276,27 @@ FO_LOSS_HD ClassRowCoeffs class_row_coeffs(float x_y, float w_y, float row_max, 
 // one rounding and >= 0, so the sum never cancels. A -inf logit gives an infinite term
 // (w > 0) or NaN (w = 0), as torch's w * log p does.
 FO_LOSS_HD float smoothing_gap(float x, float w, float row_max) { return w * (row_max - x); }
+
+// A gap sum kept in one pass, relative to a running max m (the vocab-parallel row stats,
+// which never see the row max): G = sum_k w_k (m - x_k) and W = sum_k w_k. Folding x with
+// weight w while the max moves from m to m_new = max(m, x): the earlier terms grow by
+// W (m_new - m), the new one is w (m_new - x); every addend is >= 0 for weights >= 0. m - x
+// is +inf at a -inf logit, also while m is still -inf (w inf, as above). Only real columns
+// may be folded (a padding lane of -inf with w = 0 would add NaN).
+FO_LOSS_HD void gap_fold(float& gap, float& sum_w, float m, float x, float w) {
+  const float m_new = x > m ? x : m;
+  const float lift = m_new - m;
+  const float diff = m_new - x;
+  gap = gap + sum_w * (m == -kInf ? 0.0f : lift) + w * (x == -kInf ? kInf : diff);
+  sum_w = sum_w + w;
+}
+
+// A gap sum relative to m moved to the row max M >= m (nothing to move while m is -inf:
+// its terms are infinite already).
+FO_LOSS_HD float gap_at_max(float gap, float sum_w, float m, float row_max) {
+  const float lift = row_max - m;
+  return gap + sum_w * (m == -kInf ? 0.0f : lift);
+}
 
 // The row loss once the gap sum G is known: `loss` holds everything else (class targets:
 // ClassRowCoeffs::loss, coef = cw; soft targets: soft_row_coeffs, coef = s_ce).

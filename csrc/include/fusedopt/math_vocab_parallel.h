@@ -3,8 +3,10 @@
 // the cross-entropy's (math_loss.h: lse_fold / lse_merge, soft-capping, soft target
 // weights). A rank holds the columns [offset, offset + C) of num_classes.
 //
-//   row stats  [max_j x_j, sum_j exp(x_j - max), x_y if y is local else 0,
-//               sum_j w_j x_j (smoothing) | soft: sum_j r_j x_j, sum_j r_j]
+//   row stats  [m = max_j x_j, sum_j exp(x_j - m), x_y if y is local else 0,
+//               sum_j w_j (m - x_j) (smoothing) | soft: sum_j r_j (m - x_j), sum_j r_j]
+//   (gap sums relative to the shard's max, kept in one pass by math_loss.h's gap_fold /
+//   gap_at_max: every addend >= 0, so nothing cancels at large logits)
 //   gradient   dx_j = exp(x_j - row_max) a / exp(log_sum) - t_j,  dl_j = dx_j (1 - (x_j/s)^2)
 //              class: t_j = c w_j + b [offset + j == y];  soft: t_j = c r_j
 // from the combined coefficients [row_max, log_sum, a, b, c] of the full row.
