@@ -56,7 +56,9 @@ TESTS=(tests/fuzz
        tests/backends/test_cpu_optim.py tests/backends/test_loss_boundary.py
        tests/backends/test_loss_trust_kernels.py tests/optim/test_trust.py
        tests/ops/test_vocab_parallel_shards.py tests/ops/test_vocab_parallel_kernels.py
-       tests/ops/test_loss_fuzz_finds.py tests/ops/test_loss_trust.py)
+       tests/ops/test_loss_fuzz_finds.py tests/ops/test_loss_trust.py
+       tests/backends/test_cpu_lean.py tests/backends/test_lean_adam.py
+       tests/backends/test_lean_boundary.py tests/optim/test_lean_states.py)
 # from outside the checkout, so `fusedopt` is the package above; subprocesses of the tests
 # inherit the preload and import the same package
 cd "$WORK/site"
