@@ -52,7 +52,8 @@ def round_fp16(x, r):
     a = u & 0x7FFFFFFF
     biased = a >> 23
     d = tl.minimum(tl.where(biased >= 113, 13, 126 - biased), 23).to(tl.uint32)
-    up = (a + (r >> (32 - d))) & ~((tl.full([], 1, tl.uint32) << d) - 1)
+    # the low d bits cleared by shifts (Triton 3.6's interpreter cannot take ~ of a uint32)
+    up = ((a + (r >> (32 - d))) >> d) << d
     up_biased = up >> 23
     normal = ((up_biased - 112) << 10) | ((up >> 13) & 0x3FF)
     sub_shift = 126 - tl.minimum(tl.maximum(up_biased, 103), 112)
