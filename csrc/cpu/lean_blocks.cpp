@@ -4,12 +4,14 @@
 // AVX-512 decode of a magnitude code q (0..255; the signed map decodes |code|):
 //   value(q) = (7q - 6*2^e + 7) * 2^(2e-3L) = q * A[e] + B[e]  with A[e] = 7 * 2^(2e-3L),
 //   B[e] = (7 - 6*2^e) * 2^(2e-3L): both products and the sum are exact (|7q| < 2^11), so
-//   this is the value of math_lean.h bit for bit. The table index is
-//   max(exponent field of float(q) - 126, 0) (0 for q = 0, e + 1 otherwise), one vpermps
-//   per table; the signed map's index 8 (|code| = 128) decodes to 1.0, as |code| 127.
+//   this is the value of math_lean.h bit for bit. The table index is the low 4 bits of
+//   lzcnt(q) (0 for q = 0, 15 - e otherwise), one vpermps per table; the signed map's
+//   index 8 (|code| = 128, e = 7) decodes to 1.0, as |code| 127.
 // AVX-512 encode of y = |x| * 2^(3L) / absmax: 2^-2e and 2^e looked up from the exponent
 // of y (two 32-entry vpermt2ps), then the operations of dynamic_code.
-// Traffic: the block's codes and fp32 moments, all in L1.
+// Traffic: the block's codes and fp32 moments, all in L1; update_block_fp32 also reads p, g
+// (8 bytes) and writes p (4) per element, the loads of p, g and the codes prefetched 512
+// elements ahead (a full block's passes are compiled for n = 256: no masks).
 #include "lean_blocks.h"
 
 // GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip -Wmaybe-uninitialized
@@ -62,8 +64,9 @@ FO_CPU_CLONES void encode_portable(const float* __restrict m, const float* __res
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FO_HAVE_AVX512_BLOCKS 1
 #define FO_V4 __attribute__((target("arch=x86-64-v4")))
+#define FO_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// The decode tables of an L-level map: index 0 (q = 0) and e + 1.
+// The decode tables of an L-level map: index 0 (q = 0) and 15 - e.
 template <int L>
 struct DecodeTables {
   alignas(64) float a[16] = {};
@@ -71,26 +74,26 @@ struct DecodeTables {
   DecodeTables() {
     for (int e = 0; e < L; ++e) {
       const double scale = std::ldexp(1.0, 2 * e - 3 * L);
-      a[e + 1] = static_cast<float>(7.0 * scale);
-      b[e + 1] = static_cast<float>((7.0 - 6.0 * std::ldexp(1.0, e)) * scale);
+      a[15 - e] = static_cast<float>(7.0 * scale);
+      b[15 - e] = static_cast<float>((7.0 - 6.0 * std::ldexp(1.0, e)) * scale);
     }
-    if (L == kSignedLevels) b[L + 1] = 1.0f;  // |code| = 128 decodes as 127
+    if (L == kSignedLevels) b[15 - L] = 1.0f;  // |code| = 128 decodes as 127
   }
 };
 
-// 2^-2e, 2^e + 3.5 and 2^e - 1 by the exponent E of y (index E - 127, clamped below at 0):
-// e = min(floor(E / 3), L - 1).
+// 2^-2e, 2^e + 3.5 and (int32) 2^e - 1 by the exponent E of y (index E - 127, clamped
+// below at 0): e = min(floor(E / 3), L - 1).
 struct EncodeTables {
   alignas(64) float inv4e[32] = {};
   alignas(64) float p2_plus[32] = {};
-  alignas(64) float p2_minus[32] = {};
+  alignas(64) int32_t p2_minus[32] = {};
   float t0;
   explicit EncodeTables(int levels) : t0(levels == kSignedLevels ? 4.0f : 0.0f) {
     for (int i = 0; i < 32; ++i) {
       const int e = i / 3 < levels - 1 ? i / 3 : levels - 1;
       inv4e[i] = static_cast<float>(std::ldexp(1.0, -2 * e));
       p2_plus[i] = static_cast<float>(std::ldexp(1.0, e) + 3.5);
-      p2_minus[i] = static_cast<float>(std::ldexp(1.0, e) - 1.0);
+      p2_minus[i] = (1 << e) - 1;
     }
   }
 };
@@ -100,6 +103,15 @@ const DecodeTables<kUnsignedLevels> kDecodeUnsigned;
 const EncodeTables kEncodeSigned(kSignedLevels);
 const EncodeTables kEncodeUnsigned(kUnsignedLevels);
 
+// Software prefetch 512 elements (two blocks) ahead of the update pass: the hardware
+// prefetchers alone leave its loads of p, g and the codes waiting on memory. A prefetch past
+// the end of an array is harmless (it never faults).
+constexpr int kPrefetchAhead = 512;
+
+FO_V4 FO_ALWAYS_INLINE void prefetch(const void* address) {
+  _mm_prefetch(static_cast<const char*>(address), _MM_HINT_T0);
+}
+
 FO_V4 inline __mmask16 tail_mask(int remaining) {
   return remaining >= 16 ? __mmask16(0xffff) : __mmask16((1u << remaining) - 1u);
 }
@@ -107,9 +119,7 @@ FO_V4 inline __mmask16 tail_mask(int remaining) {
 // The magnitude value of 16 codes (non-negative int32), exact (see the file comment).
 FO_V4 inline __m512 magnitude(__m512i q, __m512 a_table, __m512 b_table) {
   const __m512 qf = _mm512_cvtepi32_ps(q);
-  const __m512i exp = _mm512_srli_epi32(_mm512_castps_si512(qf), 23);
-  const __m512i idx = _mm512_max_epi32(_mm512_sub_epi32(exp, _mm512_set1_epi32(126)),
-                                       _mm512_setzero_si512());
+  const __m512i idx = _mm512_lzcnt_epi32(q);  // the permutes use its low 4 bits
   return _mm512_add_ps(_mm512_mul_ps(qf, _mm512_permutexvar_ps(idx, a_table)),
                        _mm512_permutexvar_ps(idx, b_table));
 }
@@ -136,15 +146,18 @@ FO_V4 void decode_avx512(const int8_t* m_codes, const uint8_t* v_codes, float m_
 // Three shortcuts that give the same codes: d = y*2^-2e - (2^e + 3.5) equals
 // (y*2^-2e - 2^e) - 3.5 (both exact, except for y < 1 where either is within an ulp of -4.5
 // and c = 0 anyway); ceil(d/7) is never below -0 (d >= -4.5) nor above 2^e (see
-// lean_states.md), so the clamp is left out; q = c + (2^e - 1) in fp32 is exact.
+// lean_states.md), so the clamp is left out; the ceiling is taken by the conversion to int32
+// (rounding up), and q = c + (2^e - 1) added as integers (in fp32 the sum is exact too).
 struct EncodeRegs {
-  __m512 scale_lo, scale_hi, offset_lo, offset_hi, base_lo, base_hi, t0;
+  __m512 scale_lo, scale_hi, offset_lo, offset_hi;
+  __m512i base_lo, base_hi;
+  __m512 t0;
 };
 
 FO_V4 inline EncodeRegs encode_regs(const EncodeTables& t) {
   return EncodeRegs{_mm512_load_ps(t.inv4e), _mm512_load_ps(t.inv4e + 16),
                     _mm512_load_ps(t.p2_plus), _mm512_load_ps(t.p2_plus + 16),
-                    _mm512_load_ps(t.p2_minus), _mm512_load_ps(t.p2_minus + 16),
+                    _mm512_load_si512(t.p2_minus), _mm512_load_si512(t.p2_minus + 16),
                     _mm512_set1_ps(t.t0)};
 }
 
@@ -154,17 +167,16 @@ FO_V4 inline __m512i codes_of(__m512 y, const EncodeRegs& r) {
                                        _mm512_set1_epi32(127));
   const __m512 d = _mm512_sub_ps(_mm512_mul_ps(y, _mm512_permutex2var_ps(r.scale_lo, idx, r.scale_hi)),
                                  _mm512_permutex2var_ps(r.offset_lo, idx, r.offset_hi));
-  const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(0.142857149f)),
-                                        _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
-  const __m512i q = _mm512_cvttps_epi32(
-      _mm512_add_ps(c, _mm512_permutex2var_ps(r.base_lo, idx, r.base_hi)));
+  const __m512i c = _mm512_cvt_roundps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(0.142857149f)),
+                                              _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  const __m512i q = _mm512_add_epi32(c, _mm512_permutex2var_epi32(r.base_lo, idx, r.base_hi));
   const __mmask16 above = _mm512_cmp_ps_mask(y, r.t0, _CMP_GT_OQ);
   return _mm512_maskz_max_epi32(above, q, _mm512_set1_epi32(1));
 }
 
 // The codes of one moment of a block (signed: sign + magnitude of |x|; unsigned: of x).
 template <bool kSigned, typename C>
-FO_V4 void encode_one(const float* x, float absmax, C* codes, int n) {
+FO_V4 FO_ALWAYS_INLINE void encode_one(const float* x, float absmax, C* codes, int n) {
   if (!block_has_codes(absmax)) {
     for (int j = 0; j < n; ++j) codes[j] = 0;
     return;
@@ -196,11 +208,13 @@ FO_V4 void encode_avx512(const float* m, const float* v, float m_absmax, float v
 }
 
 // One 8-bit block with fp32 params: decode, the lean update (math_lean.h's operations),
-// the new absmax (maximum of the magnitude bits, kept in registers), then encode_avx512.
+// the new absmax (maximum of the magnitude bits, kept in registers), then the encode of
+// each moment. Inlined into update_fp32_avx512 twice: for a full block (n = 256, the masks
+// fold away) and for a chunk's last, partial one.
 template <bool kL2, bool kTransform>
-FO_V4 void update_fp32_avx512(float* param, const float* grad, int8_t* m_codes,
-                              uint8_t* v_codes, float* m_absmax, float* v_absmax, int n,
-                              const LeanAdamCoefs& c, const GradTransform& gt) {
+FO_V4 FO_ALWAYS_INLINE void update_body(float* param, const float* grad, int8_t* m_codes,
+                                        uint8_t* v_codes, float* m_absmax, float* v_absmax,
+                                        int n, const LeanAdamCoefs& c, const GradTransform& gt) {
   alignas(64) float m_new[kQuantBlock], v_new[kQuantBlock];
   const __m512 ma = _mm512_load_ps(kDecodeSigned.a), mb = _mm512_load_ps(kDecodeSigned.b);
   const __m512 va = _mm512_load_ps(kDecodeUnsigned.a), vb = _mm512_load_ps(kDecodeUnsigned.b);
@@ -214,6 +228,12 @@ FO_V4 void update_fp32_avx512(float* param, const float* grad, int8_t* m_codes,
   const __m512 decay = _mm512_set1_ps(c.param_decay);
   __m512i m_max = _mm512_setzero_si512(), v_max = _mm512_setzero_si512();
   for (int j = 0; j < n; j += 16) {
+    prefetch(param + j + kPrefetchAhead);
+    prefetch(grad + j + kPrefetchAhead);
+    if ((j & 63) == 0) {  // one line of each code stream per 64 elements
+      prefetch(m_codes + j + kPrefetchAhead);
+      prefetch(v_codes + j + kPrefetchAhead);
+    }
     const __mmask16 k = tail_mask(n - j);
     const __m512i mc = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, m_codes + j));
     const __m512 mag = magnitude(_mm512_abs_epi32(mc), ma, mb);
@@ -246,7 +266,19 @@ FO_V4 void update_fp32_avx512(float* param, const float* grad, int8_t* m_codes,
   const float v_stored = block_absmax(bits_f32(uint32_t(_mm512_reduce_max_epu32(v_max))));
   *m_absmax = m_stored;
   *v_absmax = v_stored;
-  encode_avx512(m_new, v_new, m_stored, v_stored, m_codes, v_codes, n);
+  encode_one<true>(m_new, m_stored, m_codes, n);
+  encode_one<false>(v_new, v_stored, v_codes, n);
+}
+
+template <bool kL2, bool kTransform>
+FO_V4 void update_fp32_avx512(float* param, const float* grad, int8_t* m_codes,
+                              uint8_t* v_codes, float* m_absmax, float* v_absmax, int n,
+                              const LeanAdamCoefs& c, const GradTransform& gt) {
+  if (n == kQuantBlock)
+    update_body<kL2, kTransform>(param, grad, m_codes, v_codes, m_absmax, v_absmax, kQuantBlock,
+                                 c, gt);
+  else
+    update_body<kL2, kTransform>(param, grad, m_codes, v_codes, m_absmax, v_absmax, n, c, gt);
 }
 
 bool cpu_has_avx512() {
