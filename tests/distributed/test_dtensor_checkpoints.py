@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from _harness import backend_skip_reason, device_for, rank_pool
+from _harness import device_for
 from optim_cases import (assert_same_bits, bits, fsdp2_model, fused, mesh_of,
                          optimizer_backends, train)
 
@@ -82,14 +82,6 @@ def check_resume_is_bit_exact(rank, world, dist_backend, kind, backend, path):
         train(model, opt, rank, world, range(3, 6), device)
         assert_same_bits(want, _run_state(model, opt), f"{kind} resumed from {what}")
     return sorted(runs)
-
-
-@pytest.fixture(scope="module", params=["gloo", "nccl"])
-def ranks(request):
-    reason = backend_skip_reason(request.param, 2)
-    if reason is not None:
-        pytest.skip(f"{request.param}: {reason}")
-    return request.param, rank_pool(2, request.param)
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])

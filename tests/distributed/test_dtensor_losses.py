@@ -102,14 +102,6 @@ def check_cross_entropy(rank, world, dist_backend, kind, case_names):
     return checked
 
 
-@pytest.fixture(scope="module", params=["gloo", "nccl"])
-def ranks(request):
-    reason = backend_skip_reason(request.param, 2)
-    if reason is not None:
-        pytest.skip(f"{request.param}: {reason}")
-    return request.param, rank_pool(2, request.param)
-
-
 @pytest.mark.parametrize("kind", ["rows", "replicate", "classes", "partial"])
 def test_cross_entropy_matches_torch(ranks, kind):
     dist_backend, pool = ranks

@@ -7,7 +7,7 @@ model, with clipping at every step; states are DTensors with the params' placeme
 import pytest
 import torch
 
-from _harness import backend_skip_reason, device_for, rank_pool
+from _harness import device_for
 from optim_cases import (EVEN, MAX_NORM, STEPS, assert_close_to, fsdp2_model, fused,
                          make_model, mesh_of, optimizer_backends, reference_run, train)
 
@@ -96,14 +96,6 @@ def check_tp_and_hsdp_match_torch(rank, world, dist_backend, kind):
     assert_close_to(model.parameters(), ref, f"HSDP {kind}")
     assert_dtensor_states(opt, model.parameters())
     return True
-
-
-@pytest.fixture(scope="module", params=["gloo", "nccl"])
-def ranks(request):
-    reason = backend_skip_reason(request.param, 2)
-    if reason is not None:
-        pytest.skip(f"{request.param}: {reason}")
-    return request.param, rank_pool(2, request.param)
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])

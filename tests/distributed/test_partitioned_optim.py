@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from _harness import backend_skip_reason, device_for, rank_pool
+from _harness import device_for
 from optim_cases import (MAX_NORM, OPTIMIZERS, STEPS, assert_close_to, batch, fsdp2_model, fused,
                          loss_of, make_model, mesh_of, optimizer_backends, reference_run,
                          rows_of)
@@ -170,14 +170,6 @@ def check_fsdp2_scalers_skip_together(rank, world, dist_backend, kind, scaler_ki
         opt.zero_grad()
     assert_close_to(model.parameters(), ref, f"FSDP2 {scaler_kind} {flow} {kind}")
     return scaler.get_scale(), int(opt.skipped_steps)
-
-
-@pytest.fixture(scope="module", params=["gloo", "nccl"])
-def ranks(request):
-    reason = backend_skip_reason(request.param, 2)
-    if reason is not None:
-        pytest.skip(f"{request.param}: {reason}")
-    return request.param, rank_pool(2, request.param)
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fusedopt as fo
 from fusedopt import backends
-from _harness import backend_skip_reason, device_for, rank_pool
+from _harness import device_for
 from loss_cases import (CE_CASES, IGNORE, REDUCTIONS, assert_close, assert_lowp_rule,
                         loss_kwargs, make_inputs, random_grad_output, reference_and_grad)
 
@@ -68,14 +68,6 @@ def check_matches_full_logits(rank, world, dist_backend, split):
                          f"{tag}: grad")
             checked += backend == "torch"
     return checked
-
-
-@pytest.fixture(scope="module", params=["gloo", "nccl"])
-def ranks(request):
-    reason = backend_skip_reason(request.param, 2)
-    if reason is not None:
-        pytest.skip(f"{request.param}: {reason}")
-    return request.param, rank_pool(2, request.param)
 
 
 @pytest.mark.parametrize("split", ["even", "uneven"])
