@@ -145,7 +145,7 @@ def vocab_parallel_shards(spec: dict):
     all-reduces replaced by their results), combined by the ops layer: row losses of each
     shard and the gradient columns."""
     from fusedopt import backends
-    from fusedopt.ops import vocab_parallel
+    from vocab_parallel_emulation import emulate
 
     impl = backends.get(spec["backend"])
     x = tensor(spec["input"], spec["seed"]).detach()
@@ -157,46 +157,9 @@ def vocab_parallel_shards(spec: dict):
                                                                        ignore)
     w = class_vector(spec, "weight", n_classes)
     bounds = [0] + sorted(min(b, n_classes) for b in spec["bounds"]) + [n_classes]
-    shard_kw = dict(num_classes=n_classes, ignore_index=ignore,
-                    label_smoothing=kw.get("label_smoothing", 0.0), softcap=kw.get("softcap"),
-                    soft_target=soft)
-    shards = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        shards.append(dict(logits=x[:, lo:hi], target=y[:, lo:hi] if soft else y,
-                           weight=None if w is None else w[lo:hi].float().contiguous(),
-                           class_offset=lo))
-    stats = [impl.vocab_parallel_row_stats(s["logits"], s["target"], s["weight"],
-                                           class_offset=s["class_offset"], **shard_kw)
-             for s in shards]
-    row_max = torch.stack([st[:, 0] for st in stats]).amax(dim=0)
-    w32 = None if w is None else w.float()
-    scales = torch.ones(2)
-    contributions = []
-
-    def combine(s, st, total):
-        def all_reduce(t, op):
-            if op == "max":
-                t.copy_(row_max)
-            elif total is None:
-                contributions.append(t.clone())
-            else:
-                t.copy_(total)
-
-        local_sum_w = s["weight"].sum() if s["weight"] is not None else float(
-            s["logits"].shape[1])
-        return vocab_parallel._combine(st, y, w32, local_sum_w, scales, all_reduce, n_classes,
-                                       ignore, shard_kw["label_smoothing"],
-                                       kw.get("z_loss", 0.0), soft)
-
-    for s, st in zip(shards, stats):
-        combine(s, st, None)
-    total = sum(contributions[1:], contributions[0])
-    losses, grads = [], []
-    for s, st in zip(shards, stats):
-        row_loss, coefs = combine(s, st, total)
-        losses.append(plain(row_loss))
-        grads.append(impl.vocab_parallel_grad(s["logits"], s["target"], s["weight"], coefs,
-                                              class_offset=s["class_offset"], inplace=False,
-                                              **shard_kw))
-    return {"x": plain(x), "target": plain(y), "weight": plain(w), "losses": losses,
-            "grad": plain(torch.cat(grads, dim=1))}
+    losses, grad = emulate(impl, x, y, None if w is None else w.float().contiguous(), bounds,
+                           label_smoothing=kw.get("label_smoothing", 0.0),
+                           z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"), soft=soft,
+                           ignore_index=ignore)
+    return {"x": plain(x), "target": plain(y), "weight": plain(w),
+            "losses": [plain(loss) for loss in losses], "grad": plain(grad)}

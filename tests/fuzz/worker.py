@@ -74,7 +74,7 @@ class Worker:
 
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fusedopt.__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [package_parent, str(HERE), os.environ.get("PYTHONPATH", "")]))
+            [package_parent, str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, str(HERE / "worker.py")], cwd=HERE,
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
