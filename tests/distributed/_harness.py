@@ -36,6 +36,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -207,3 +208,14 @@ def run_ranks(fn, *args, world_size: int = 2, backend: str = "gloo",
     """fn(rank, world_size, *args) on fresh ranks (a pool of its own, closed afterwards)."""
     with RankPool(world_size, backend) as pool:
         return pool.run(fn, *args, timeout=timeout)
+
+
+@pytest.fixture(scope="module", params=["gloo", "nccl"])
+def ranks(request):
+    """(torch.distributed backend, a pool of two live ranks) for gloo and nccl, each skipped
+    with the reason where it cannot run; a test module takes it with
+    ``from _harness import ranks``."""
+    reason = backend_skip_reason(request.param, 2)
+    if reason is not None:
+        pytest.skip(f"{request.param}: {reason}")
+    return request.param, rank_pool(2, request.param)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from _harness import device_for
+from _harness import device_for, ranks  # noqa: F401  (ranks: a fixture)
 from optim_cases import (assert_same_bits, bits, fsdp2_model, fused, mesh_of,
                          optimizer_backends, train)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _harness import backend_skip_reason, device_for, rank_pool
+from _harness import backend_skip_reason, device_for, rank_pool, ranks  # noqa: F401  (ranks: a fixture)
 from loss_cases import (CE_CASES, IGNORE, REDUCTIONS, assert_close, loss_kwargs, make_inputs,
                         random_grad_output, reference_and_grad)
 

@@ -7,7 +7,7 @@ model, with clipping at every step; states are DTensors with the params' placeme
 import pytest
 import torch
 
-from _harness import device_for
+from _harness import device_for, ranks  # noqa: F401  (ranks: a fixture)
 from optim_cases import (EVEN, MAX_NORM, STEPS, assert_close_to, fsdp2_model, fused,
                          make_model, mesh_of, optimizer_backends, reference_run, train)
 

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from _harness import device_for
+from _harness import device_for, ranks  # noqa: F401  (ranks: a fixture)
 from optim_cases import (MAX_NORM, OPTIMIZERS, STEPS, assert_close_to, batch, fsdp2_model, fused,
                          loss_of, make_model, mesh_of, optimizer_backends, reference_run,
                          rows_of)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fusedopt as fo
 from fusedopt import backends
-from _harness import device_for
+from _harness import device_for, ranks  # noqa: F401  (ranks: a fixture)
 from loss_cases import (CE_CASES, IGNORE, REDUCTIONS, assert_close, assert_lowp_rule,
                         loss_kwargs, make_inputs, random_grad_output, reference_and_grad)
 
