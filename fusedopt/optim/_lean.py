@@ -10,6 +10,12 @@ Formats of ``exp_avg`` / ``exp_avg_sq`` in ``optimizer.state[p]``:
   256 elements in memory order).
 A state in another format than its group's ``state_dtype`` (a checkpoint, a changed group
 option) is converted: decoded to fp32, then rounded to nearest (bf16) or quantized (8-bit).
+
+DTensor params (FSDP2, tensor parallelism): the moments are DTensors with the param's mesh
+and placements (8-bit codes included) and the kernels step the local shards; the absmax of
+8-bit moments are plain tensors, the blocks of this rank's shard (`local_entry`, `stored`).
+Each shard draws its own random bits (`stream_id`); ``state_dict()`` holds the 8-bit moments
+of DTensor params decoded to fp32 DTensors (`decoded_entry`), which a checkpoint can reshard.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 
 from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.backends import lean_math as lm
+from fusedopt.optim import _distributed
 
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 ROUNDINGS = ("nearest", "stochastic")
@@ -210,6 +217,80 @@ def converted(entry: dict, p: torch.Tensor, state_dtype: torch.dtype, name) -> d
         if fmt is None or _in_place_already(fmt, tensors, key, p, state_dtype):
             continue
         out.update(_encode(key, decoded(fmt, tensors, p), state_dtype, p))
+    return out
+
+
+# ---------------------------------------------------------------- DTensor params
+
+_SHARD_STRIDE = 0x9E3779B9  # odd (2^32 / golden ratio): shard s of param k -> k + s * it
+
+
+def stream_id(index: int, p) -> int:
+    """The random stream of the param at ``index`` (its position over the optimizer's param
+    groups): the index itself for a plain param; for a DTensor param, mixed with the linear
+    index of this rank's shard over the mesh dims that shard it, so that shards draw
+    different bits and replicas of one shard the same."""
+    return (index + shard_index(p) * _SHARD_STRIDE) & 0xFFFFFFFF if _distributed.is_dtensor(p) \
+        else index
+
+
+def shard_index(p) -> int:
+    """The linear index (row-major over the mesh dims whose placement is a Shard) of this
+    rank's shard of DTensor ``p``; 0 when no mesh dim shards it or this rank is not in its
+    mesh."""
+    coordinate = p.device_mesh.get_coordinate()
+    if coordinate is None:
+        return 0
+    index = 0
+    for size, c, placement in zip(p.device_mesh.shape, coordinate, p.placements):
+        if placement.is_shard():
+            index = index * size + c
+    return index
+
+
+def local_entry(entry: dict, p, name) -> dict:
+    """The moments and absmax of ``entry`` as the kernels see them (absent keys absent): for
+    a DTensor param the local tensors of its moments, which must be DTensors with the
+    param's mesh, placements and shape, and its absmax, which must be plain tensors; for a
+    plain param the values themselves."""
+    keys = [k for k in MOMENT_KEYS + ABSMAX_KEYS if entry.get(k) is not None]
+    if not _distributed.is_dtensor(p):
+        return {k: entry[k] for k in keys}
+    out = {}
+    for key in keys:
+        value = entry[key]
+        if key in ABSMAX_KEYS:
+            if _distributed.is_dtensor(value):
+                raise TypeError(f"{name(key)} is a DTensor; the absmax of a DTensor param's "
+                                f"8-bit moments is a plain tensor (the blocks of this rank's "
+                                f"shard)")
+            out[key] = value
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name(key)} must be a tensor, got {type(value).__name__}")
+        else:
+            out[key] = _distributed.check_state(value, name(key), p)
+    return out
+
+
+def stored(p, tensors: dict) -> dict:
+    """``tensors`` (local moments and absmax) as ``optimizer.state`` keeps them: for a
+    DTensor param its moments made DTensors like the param (absmax stay plain)."""
+    if not _distributed.is_dtensor(p):
+        return tensors
+    return {k: v if k in ABSMAX_KEYS else _distributed.like_param(p, v)
+            for k, v in tensors.items()}
+
+
+def decoded_entry(entry: dict, p, name) -> dict:
+    """A copy of the state entry of DTensor param ``p`` with its 8-bit moments decoded to
+    fp32 DTensors like the param and without absmax keys (what ``state_dict()`` holds: a
+    checkpoint can reshard it, which per-shard blocks could not be)."""
+    out = {k: v for k, v in entry.items() if k not in ABSMAX_KEYS}
+    view, local = local_entry(entry, p, name), p._local_tensor
+    for key in MOMENT_KEYS:
+        fmt, tensors = stored_moment(view, key, local, name)
+        if fmt == "8bit":
+            out[key] = _distributed.like_param(p, decoded(fmt, tensors, local))
     return out
 
 

@@ -105,7 +105,7 @@ def _entry(opt, p, index, entry, group) -> dict:
         if key == "step" and opt._STEP_KEY:
             out[key] = _step(value, p, what)
         elif key in opt._STATE_KEYS:
-            out[key] = _tensor(value, p, what)
+            out[key] = state_tensor(value, p, what)
         elif isinstance(value, torch.Tensor) and type(value) in boundary.PLAIN_TYPES \
                 and value.device.type != "meta":
             out[key] = value.to(device=p.device, copy=True)
@@ -114,7 +114,9 @@ def _entry(opt, p, index, entry, group) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _tensor(value, p, what) -> torch.Tensor:
+def state_tensor(value, p, what) -> torch.Tensor:
+    """A loaded state tensor of ``p``: a new fp32 tensor (a wide param's own dtype) with its
+    device and layout; for a DTensor param a DTensor like it holding this rank's part."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
     dtensor_param = _distributed.is_dtensor(p)

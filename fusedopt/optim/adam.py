@@ -17,7 +17,7 @@ import torch
 from fusedopt import backends
 from fusedopt.backends import _lean_tables
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim import _checks, _distributed, _lean, _traced
+from fusedopt.optim import _checks, _distributed, _lean, _loading, _traced
 from fusedopt.optim._base import FusedOptimizer
 from fusedopt.optim._checks import group_number as _number
 from fusedopt.optim._scalars import hyper
@@ -196,21 +196,10 @@ class FusedAdam(FusedOptimizer):
     # ------------------------------------------------------------ memory-lean states
 
     def _lean_refusals(self, gi, group):
-        """What lean states do not cover, refused by name before anything runs: a lean group
-        on torch.distributed (DTensor params or a process_group) and wide (fp64 / complex)
-        params with lean moments."""
+        """What lean states do not cover, refused by name before anything runs: lean moments
+        of wide (fp64 / complex) params."""
         if not _lean.asks_lean(group):
             return
-        options = (f"state_dtype={group['state_dtype']}, "
-                   f"param_rounding={group['param_rounding']!r}")
-        dtensors = any(map(_distributed.is_dtensor, group["params"]))
-        if dtensors or self.process_group is not None:
-            reason = "DTensor params" if dtensors else "a process_group"
-            raise ValueError(
-                f"param group {gi} asks for memory-lean states ({options}) on torch.distributed "
-                f"({reason}): not supported (the 8-bit blocks and the random streams follow "
-                f"a whole param, not a shard); use state_dtype=torch.float32 and "
-                f"param_rounding='nearest' for this group")
         if group["state_dtype"] != _F32:
             for j, p in enumerate(group["params"]):
                 if isinstance(p, torch.Tensor) and p.dtype in boundary.WIDE_DTYPES:
@@ -223,20 +212,25 @@ class FusedAdam(FusedOptimizer):
     def _lean_state_lists(self, b, pending, masters):
         """The lists of a lean bucket: moments in the group's state_dtype (existing ones in
         another format converted, missing ones zero; written at commit), masters, steps,
-        stream ids."""
+        stream ids.  The moments of DTensor params are DTensors like them (the plan hands
+        the kernels their local tensors); absmax are plain (_lean.py)."""
         state_dtype = b.group["state_dtype"]
         moments = {key: [] for key in _lean.MOMENT_KEYS + _lean.ABSMAX_KEYS}
-        for i, p in enumerate(b.params):
+        for i, key_p in enumerate(b.keys):
             entry = entry_of(self, b, i)
-            new = _lean.converted(entry, p, state_dtype,
-                                  lambda k, i=i: f"optimizer.state[{b.where(i)}][{k!r}]")
+            def name(k, i=i):
+                return f"optimizer.state[{b.where(i)}][{k!r}]"
+            p = _distributed.local(key_p)
+            view = _lean.local_entry(entry, key_p, name)
+            new = _lean.converted(view, p, state_dtype, name)
             for key in _lean.MOMENT_KEYS:
-                if entry.get(key) is None:
+                if view.get(key) is None:
                     new.update(_lean.zeros(p, key, state_dtype))
+            new = _lean.stored(key_p, new)
             for key, value in new.items():
-                pending.writes.append((p, key, value))
+                pending.writes.append((key_p, key, value))
             if new and state_dtype != torch.int8 and any(k in entry for k in _lean.ABSMAX_KEYS):
-                pending.extras.append(partial(_drop_absmax, self, p))
+                pending.extras.append(partial(_drop_absmax, self, key_p))
             for key in moments:
                 moments[key].append(new[key] if key in new else entry.get(key))
         quantized = state_dtype == torch.int8
@@ -248,7 +242,8 @@ class FusedAdam(FusedOptimizer):
             "master_params": (vector_state(self, b, "master_param", pending, master_copy)
                               if masters else None),
             "steps": step_state(self, b, pending),
-            "streams": [offset + j for j in b.positions],
+            "streams": [_lean.stream_id(offset + j, key_p)
+                        for j, key_p in zip(b.positions, b.keys)],
         }
         keys = (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq"),
                 ("exp_avg_absmaxes", "exp_avg_absmax"),
@@ -261,24 +256,27 @@ class FusedAdam(FusedOptimizer):
     def _lean_to_fp32(self, b, pending) -> dict:
         """Lean moments (bf16 / 8-bit) of a bucket that now runs with fp32 states, converted
         (written at commit): {key: list over the bucket} when any was, else {}."""
-        entries = [entry_of(self, b, i) for i in range(len(b.params))]
+        entries = [entry_of(self, b, i) for i in range(len(b.keys))]
         if not any(map(_lean.holds_lean, entries)):
             return {}
         lists = {key: [] for key in _lean.MOMENT_KEYS}
-        for i, (p, entry) in enumerate(zip(b.params, entries)):
-            new = _lean.converted(entry, p, _F32,
-                                  lambda k, i=i: f"optimizer.state[{b.where(i)}][{k!r}]")
+        for i, (key_p, entry) in enumerate(zip(b.keys, entries)):
+            def name(k, i=i):
+                return f"optimizer.state[{b.where(i)}][{k!r}]"
+            view = _lean.local_entry(entry, key_p, name)
+            new = _lean.stored(key_p, _lean.converted(view, _distributed.local(key_p), _F32,
+                                                      name))
             for key in _lean.MOMENT_KEYS:
                 if key not in new:
-                    value = _checks.state_tensor(entry.get(key), key, p, b.where(i))
-                    new[key] = state_zeros(p) if value is None else value
+                    value = _checks.state_tensor(entry.get(key), key, key_p, b.where(i))
+                    new[key] = state_zeros(key_p) if value is None else value
                     if value is not None:
                         continue
-                pending.writes.append((p, key, new[key]))
+                pending.writes.append((key_p, key, new[key]))
             for key in _lean.MOMENT_KEYS:
                 lists[key].append(new[key])
             if any(k in entry for k in _lean.ABSMAX_KEYS):
-                pending.extras.append(partial(_drop_absmax, self, p))
+                pending.extras.append(partial(_drop_absmax, self, key_p))
         return lists
 
     def _lean_backend_for(self, device):
@@ -289,11 +287,20 @@ class FusedAdam(FusedOptimizer):
         return mod
 
     def state_dict(self):
-        """torch's state dict, with each group's ``state_dtype`` saved as its name."""
+        """torch's state dict, with each group's ``state_dtype`` saved as its name and the
+        8-bit moments of DTensor params decoded to fp32 DTensors (without absmax keys)."""
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             if "state_dtype" in group:
                 group["state_dtype"] = _lean.saved_name(group["state_dtype"])
+        params = [p for group in self.param_groups for p in group["params"]]
+        state = state_dict["state"]
+        for index, entry in state.items():
+            p = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+            if _distributed.is_dtensor(p) and isinstance(entry, dict) \
+                    and any(_lean.holds_8bit(entry, k) for k in _lean.MOMENT_KEYS):
+                state[index] = _lean.decoded_entry(
+                    entry, p, lambda k, i=index: f"optimizer.state[param {i}][{k!r}]")
         return state_dict
 
     def _fo_load_group(self, group) -> None:
@@ -302,20 +309,35 @@ class FusedAdam(FusedOptimizer):
     def _fo_load_moments(self, p, index, entry, group) -> dict:
         """The lean moments of a loaded entry (lean_states.md): all moments when the group's
         state_dtype is bf16 / int8 (copies of those already in it, conversions of the
-        others), else only bf16 and 8-bit ones, made fp32.  The others (fp32, a wide param's,
-        a DTensor param's) are left to the loader's state tensor checks; absmax keys are
-        dropped unless they belong to loaded 8-bit moments."""
+        others), else only bf16 and 8-bit ones, made fp32.  The others (fp32, a wide param's)
+        are left to the loader's state tensor checks; absmax keys are dropped unless they
+        belong to loaded 8-bit moments.  A DTensor param's moments are taken as the loader
+        takes them (this rank's part, fp32), then put in the group's format."""
         state_dtype = group["state_dtype"]
         def name(k):
             return f"the loaded state of param {index}, key {k!r},"
         out = dict.fromkeys(_lean.ABSMAX_KEYS)
-        if _distributed.is_dtensor(p) or p.dtype in boundary.WIDE_DTYPES:
+        dtensor = _distributed.is_dtensor(p)
+        if dtensor or p.dtype in boundary.WIDE_DTYPES:
             for key in _lean.MOMENT_KEYS:
                 if _lean.holds_8bit(entry, key):
-                    raise ValueError(f"{name(key)} holds 8-bit moments, which a "
-                                     f"{'DTensor' if _distributed.is_dtensor(p) else p.dtype} "
-                                     f"param cannot keep; load "
-                                     f"fusedopt.optim.dequantize_state_dict(state_dict)")
+                    why = (" (the absmax blocks follow the shard they were saved from; "
+                           "state_dict() saves the 8-bit moments of DTensor params decoded)"
+                           if dtensor else "")
+                    raise ValueError(
+                        f"{name(key)} holds 8-bit moments, which a "
+                        f"{'DTensor' if dtensor else p.dtype} param cannot keep{why}; load "
+                        f"fusedopt.optim.dequantize_state_dict(state_dict)")
+            if dtensor and state_dtype != _F32:
+                for key in _lean.MOMENT_KEYS:
+                    value = entry.get(key)
+                    if value is not None:
+                        if type(value) in boundary.PLAIN_TYPES and value.layout == torch.strided \
+                                and value.device.type != "meta":  # before anything reads it
+                            boundary.check_storage(value, name(key)[:-1])
+                        local = _loading.state_tensor(value, p, name(key))._local_tensor
+                        out.update(_lean.stored(p, _lean.converted(
+                            {key: local}, p._local_tensor, state_dtype, name)))
             return out
         keys = [k for k in _lean.MOMENT_KEYS
                 if state_dtype != _F32 or _lean.holds_lean(entry, (k,))]

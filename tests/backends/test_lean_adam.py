@@ -1,6 +1,6 @@
 """The lean Adam entry point (``lean_adam_step``: fp32 / bf16 / 8-bit moments, stochastic
 rounding of bf16/fp16 params) of every backend, against the NumPy statement of the math
-in lean_reference.py, bit for bit: params, masters, moments (bf16 bits, 8-bit codes and
+in tests/lean_reference.py, bit for bit: params, masters, moments (bf16 bits, 8-bit codes and
 absmax), step counters.  Equal bits to one reference means equal bits across backends.
 
 The Triton kernels run under TRITON_INTERPRET=1 on CPU tensors; chunk sizes are lowered so

@@ -1,9 +1,10 @@
-"""What memory-lean Adam states do not cover, and how they meet the rest of the optimizers
-(docs/optimizers.md, "Memory-lean states"): lean groups on torch.distributed and lean
-moments of fp64 params are refused by name with nothing changed, a traced step refuses a
-lean bucket at trace time, stochastic rounding leaves fp32 / fp64 params to the plain Adam
-step, and a checkpoint's lean moments load into fp32 groups (fp32 / fp64 params) while its
-plain moments take the loader's usual path."""
+"""How memory-lean Adam states meet the rest of the optimizers, and what they do not cover
+(docs/optimizers.md, "Memory-lean states"): lean groups with a process group or DTensor
+params on one rank (the 2-rank runs are in tests/distributed), lean moments of fp64 params
+refused by name with nothing changed, a traced step refusing a lean bucket at trace time,
+stochastic rounding leaving fp32 / fp64 params to the plain Adam step, and a checkpoint's
+lean moments loading into fp32 groups (fp32 / fp64 params) while its plain moments take the
+loader's usual path."""
 
 import pytest
 import torch
@@ -25,55 +26,137 @@ def _world():
     return dist.group.WORLD
 
 
-def _dtensor_params():
+def _mesh():
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
 
     _world()
-    mesh = init_device_mesh("cpu", (1,))
+    return init_device_mesh("cpu", (1,))
+
+
+def _dtensor_params(dtype=torch.float32):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _mesh()
     return [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]))
-            for p in make_params(SHAPES)]
+            for p in make_params(SHAPES, dtype=dtype)]
+
+
+def _as_dtensor(x, like):
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(x, like.device_mesh, like.placements, run_check=False)
 
 
 # ------------------------------------------------------------------ torch.distributed
+# (the 2-rank runs: tests/distributed/test_lean_distributed.py)
 
-@pytest.mark.parametrize("kwargs", [dict(state_dtype=torch.bfloat16),
-                                    dict(state_dtype=torch.int8),
-                                    dict(param_rounding="stochastic")])
-def test_a_lean_group_with_a_process_group_is_refused_at_construction(kwargs):
-    with pytest.raises(ValueError, match=r"param group 0 asks for memory-lean states .* on "
-                                         r"torch\.distributed \(a process_group\)"):
-        fo.optim.FusedAdamW(make_params(SHAPES), process_group=_world(), **kwargs)
+LEAN_OPTIONS = [dict(state_dtype=torch.bfloat16), dict(state_dtype=torch.int8),
+                dict(state_dtype=torch.bfloat16, param_rounding="stochastic")]
 
 
-def test_a_lean_group_with_dtensor_params_is_refused_at_construction():
-    with pytest.raises(ValueError, match=r"on torch\.distributed \(DTensor params\)"):
-        fo.optim.FusedAdamW(_dtensor_params(), state_dtype=torch.int8)
+@pytest.mark.parametrize("kwargs", LEAN_OPTIONS)
+def test_a_lean_group_on_a_one_rank_process_group_steps_as_without_it(kwargs):
+    """The group's all-reduce of the norm over one rank changes nothing: the same bits."""
+    require_op("cpu", "lean_adam")
+    dtype = torch.bfloat16 if "param_rounding" in kwargs else torch.float32
+    grads = make_grads(SHAPES, steps=3)
+    runs = []
+    for group in (None, _world()):
+        ps = make_params(SHAPES, dtype=dtype)
+        opt = fo.optim.FusedAdamW(ps, lr=1e-2, max_grad_norm=0.5, seed=9, backend="cpu",
+                                  process_group=group, **kwargs)
+        train(opt, ps, grads)
+        runs.append(snapshot(opt, ps))
+    assert_bit_identical(*runs)
 
 
-def test_a_lean_group_added_to_an_optimizer_on_a_process_group_is_refused():
-    opt = fo.optim.FusedAdamW(make_params(SHAPES), process_group=_world())
-    with pytest.raises(ValueError, match=r"param group 1 asks for memory-lean states"):
-        opt.add_param_group({"params": make_params(SHAPES, seed=4),
-                             "param_rounding": "stochastic"})
-    assert len(opt.param_groups) == 1
-    with pytest.raises(TypeError, match=r"param 0 of param group 1 has dtype torch\.float64"):
-        fo.optim.FusedAdamW(make_params(SHAPES), state_dtype=torch.int8).add_param_group(
-            {"params": make_params(SHAPES, dtype=torch.float64)})
+@pytest.mark.parametrize("kwargs", LEAN_OPTIONS)
+def test_dtensor_params_on_a_one_rank_mesh_step_as_their_plain_copies(kwargs):
+    """One shard per param: the local tensors step as plain params do (the same streams);
+    the moments are DTensors like the params, the 8-bit absmax plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    require_op("cpu", "lean_adam")
+    dtype = torch.bfloat16 if "param_rounding" in kwargs else torch.float32
+    plain = make_params(SHAPES, dtype=dtype)
+    dtensors = _dtensor_params(dtype)
+    grads = make_grads(SHAPES, steps=3)
+    a = fo.optim.FusedAdamW(plain, lr=1e-2, max_grad_norm=0.5, seed=9, backend="cpu", **kwargs)
+    b = fo.optim.FusedAdamW(dtensors, lr=1e-2, max_grad_norm=0.5, seed=9, backend="cpu",
+                            **kwargs)
+    train(a, plain, grads)
+    for g in grads:
+        for q, x in zip(dtensors, g):
+            q.grad = _as_dtensor(x.to(dtype), q)
+        b.step()
+    for p, q in zip(plain, dtensors):
+        assert torch.equal(p.detach(), q.detach().to_local())
+        assert set(a.state[p]) == set(b.state[q])
+        for key, value in a.state[p].items():
+            other = b.state[q][key]
+            if key in ("exp_avg", "exp_avg_sq"):
+                assert type(other) is DTensor and other.placements == q.placements
+                other = other.to_local()
+            else:
+                assert type(other) is torch.Tensor, key
+            assert torch.equal(value, other), key
 
 
-def test_a_lean_option_set_later_on_a_process_group_is_refused_at_the_step():
-    ps = make_params(SHAPES)
-    opt = fo.optim.FusedAdamW(ps, lr=1e-2, process_group=_world(), backend="cpu")
-    grads = make_grads(SHAPES, steps=2)
-    train(opt, ps, grads[:1])
-    opt.param_groups[0]["state_dtype"] = torch.bfloat16
-    set_grads(ps, grads[1])
-    before = snapshot(opt, ps)
-    with pytest.raises(ValueError, match=r"asks for memory-lean states \(state_dtype="
-                                         r"torch\.bfloat16"):
+def test_the_8bit_moments_of_dtensor_params_are_saved_decoded_and_load_back_exactly():
+    require_op("cpu", "lean_adam")
+    ps = _dtensor_params()
+    opt = fo.optim.FusedAdamW(ps, lr=1e-2, state_dtype=torch.int8, backend="cpu")
+    for g in make_grads(SHAPES, steps=2):
+        for q, x in zip(ps, g):
+            q.grad = _as_dtensor(x, q)
         opt.step()
-    assert_bit_identical(before, snapshot(opt, ps))
+    sd = opt.state_dict()
+    for i, p in enumerate(ps):
+        entry = sd["state"][i]
+        assert set(entry) == {"step", "exp_avg", "exp_avg_sq"}
+        codes, absmax = opt.state[p]["exp_avg_sq"].to_local(), opt.state[p]["exp_avg_sq_absmax"]
+        decoded = fo.backends.lean_math.dequantize_blocks(codes.reshape(-1), absmax)
+        assert entry["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(entry["exp_avg_sq"].to_local().reshape(-1), decoded)
+    before = [{k: v.to_local() if hasattr(v, "to_local") else v
+               for k, v in opt.state[p].items()} for p in ps]
+    fresh = fo.optim.FusedAdamW(ps, lr=1e-2, state_dtype=torch.int8, backend="cpu")
+    fresh.load_state_dict(sd)
+    for p, want in zip(ps, before):
+        got = fresh.state[p]
+        assert set(got) == set(want)
+        for key, value in want.items():
+            other = got[key].to_local() if hasattr(got[key], "to_local") else got[key]
+            assert other.dtype == value.dtype and torch.equal(other, value), key
+
+
+def test_bad_lean_states_of_a_dtensor_param_are_refused_by_name():
+    require_op("cpu", "lean_adam")
+    ps = _dtensor_params()
+    opt = fo.optim.FusedAdamW(ps, lr=1e-2, state_dtype=torch.int8, backend="cpu")
+    for q, x in zip(ps, make_grads(SHAPES, steps=1)[0]):
+        q.grad = _as_dtensor(x, q)
+    opt.step()
+    before = snapshot(opt, ps)
+    entry = opt.state[ps[0]]
+    for key, value, error, match in (
+            ("exp_avg_absmax", _as_dtensor(entry["exp_avg_absmax"], ps[0]), TypeError,
+             r"\['exp_avg_absmax'\] is a DTensor; the absmax of a DTensor param's 8-bit "
+             r"moments is a plain tensor"),
+            ("exp_avg", entry["exp_avg"].to_local(), TypeError,
+             r"\['exp_avg'\] is a Tensor; the state of a DTensor param must be a DTensor")):
+        saved = entry[key]
+        entry[key] = value
+        with pytest.raises(error, match=match):
+            opt.step()
+        entry[key] = saved
+        assert_bit_identical(before, snapshot(opt, ps))
+    sd = opt.state_dict()
+    sd["state"][0] = {k: v.to_local() if hasattr(v, "to_local") else v
+                      for k, v in opt.state[ps[0]].items()}
+    with pytest.raises(ValueError, match=r"param 0, key 'exp_avg', holds 8-bit moments, which "
+                                         r"a DTensor param cannot keep \(the absmax blocks"):
+        fo.optim.FusedAdamW(ps, lr=1e-2, state_dtype=torch.int8).load_state_dict(sd)
 
 
 # ------------------------------------------------------------------ fp64 params
@@ -226,3 +309,32 @@ def test_decoupled_weight_decay_of_a_group_chooses_the_lean_decay(state_dtype):
         runs[name] = [p.detach().clone() for p in ps]
     assert_bit_identical(runs["adamw"], runs["adam_decoupled"])
     assert not all(torch.equal(a, b) for a, b in zip(runs["adamw"], runs["adam_l2"]))
+
+
+# ------------------------------------------------------------------ 8-bit re-quantization
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_moments_decoded_and_quantized_again_in_the_same_blocks_are_unchanged(signed):
+    """What makes the decoded 8-bit moments of ``state_dict()`` (DTensor params) load back
+    bit for bit: each block's largest element decodes to exactly its absmax, and every
+    other decoded value lies far from the midpoints between map values.  Checked with the
+    NumPy statement of the maps (tests/lean_reference.py) on blocks of many scales, with
+    zeros, tiny (flushed) and non-finite blocks."""
+    import numpy as np
+
+    import lean_reference as ref
+
+    rng = np.random.default_rng(0)
+    blocks = []
+    for scale in (1e-30, 1e-8, 1e-3, 1.0, 1e4, 1e30):
+        x = rng.standard_normal(256 * 8) * scale
+        x *= np.exp(rng.uniform(-12, 0, x.size))  # values spread over many octaves
+        blocks.append(x if signed else x * x / scale)
+    blocks += [np.zeros(256), np.full(256, 2.0 ** -110), np.r_[np.ones(255), np.nan],
+               np.r_[np.ones(200), np.inf, np.ones(55)], rng.standard_normal(77)]
+    x = np.concatenate(blocks).astype(np.float32)
+    codes, absmax = ref.quantize(x, signed)
+    again_codes, again_absmax = ref.quantize(ref.dequantize(codes, absmax), signed)
+    np.testing.assert_array_equal(again_codes, codes)
+    np.testing.assert_array_equal(again_absmax.view(np.uint32), absmax.view(np.uint32))
+    assert (codes != 0).mean() > 0.5  # most elements carry a code
