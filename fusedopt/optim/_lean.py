@@ -220,6 +220,48 @@ def converted(entry: dict, p: torch.Tensor, state_dtype: torch.dtype, name) -> d
     return out
 
 
+# ---------------------------------------------------------------- traced steps
+
+def traced_moment(state: dict, key: str, p, where: str, state_dtype, mark_static):
+    """(moment, absmax or None) of ``state[key]`` for a step traced by torch.compile: a
+    missing moment is created (zeros in ``state_dtype``, marked static); one in another
+    format, or with an absmax that does not belong to it, is refused (RuntimeError: the
+    eager step converts it, a traced one cannot); a wrong type, shape or device as at an
+    eager step."""
+    absmax_key = ABSMAX_OF[key]
+    value, absmax = state.get(key), state.get(absmax_key)
+    quantized = state_dtype == torch.int8
+    if value is None and absmax is None:
+        new = zeros(p, key, state_dtype)
+        state.update(new)
+        mark_static(new.values())
+        return new[key], new.get(absmax_key)
+    what = f"optimizer.state[{where}][{key!r}]"
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(value).__name__}")
+    if value is not None:
+        boundary.local_tensor(value, what)
+        if value.shape != p.shape:
+            raise ValueError(f"{what} has shape {tuple(value.shape)}, expected "
+                             f"{tuple(p.shape)} (the param's shape)")
+        if value.device != p.device:
+            raise ValueError(f"{what} is on {value.device}, expected {p.device} (the param's "
+                             f"device)")
+    expected = MOMENT_DTYPES[state_dtype][MOMENT_KEYS.index(key)]
+    in_format = (value is not None and value.dtype == expected
+                 and value.layout == torch.strided and boundary.same_layout(value, p)
+                 and (absmax is not None) == quantized
+                 and (absmax is None or (isinstance(absmax, torch.Tensor)
+                                         and absmax.device == p.device)))
+    if not in_format:
+        raise RuntimeError(
+            f"{what} is not in the format of its group's state_dtype={state_dtype} (a "
+            f"changed option or a tensor stored by hand; a compiled step does not convert "
+            f"moments, the eager step does): run one step eagerly (e.g. under "
+            f"torch.compiler.disable)")
+    return value, absmax
+
+
 # ---------------------------------------------------------------- DTensor params
 
 _SHARD_STRIDE = 0x9E3779B9  # odd (2^32 / golden ratio): shard s of param k -> k + s * it

@@ -45,7 +45,7 @@ class TracedBucket:
         self.gi, self.group, self.device, self.dtype = gi, group, device, dtype
         self.math_dtype = boundary.math_dtype(dtype)
         self.backend = backend  # the name of the backend module
-        self.params, self.grads, self.wheres = [], [], []
+        self.params, self.grads, self.wheres, self.positions = [], [], [], []
         self.lists: dict = {}
         self.token = None  # verify_step's result on the bucket's device
 
@@ -87,9 +87,10 @@ def _verify(opt, buckets, home):
     tensors, spec = [], []
     for b in buckets:
         vectors, scalars = opt._boundary_lists(b)
-        lists = [lst for _, lst in vectors + scalars]
+        lists = [entry[1] for entry in vectors + scalars]
         spec += [b.gi, len(b.params), len(vectors), len(scalars)]
-        spec += [int(lst is not None) for lst in lists]
+        spec += [0 if entry[1] is None else _ops.LIST_CODES[entry[2]] if len(entry) > 2 else 1
+                 for entry in vectors + scalars]
         tensors += b.params + b.grads
         for lst in lists:
             if lst is not None:
@@ -124,6 +125,7 @@ def _buckets(opt) -> list[TracedBucket]:
             b.params.append(p)
             b.grads.append(g)
             b.wheres.append(where)
+            b.positions.append(j)
         out.extend(split.values())
     return out
 

@@ -155,7 +155,7 @@ class FusedAdam(FusedOptimizer):
     def _traced_lists(self, b):
         masters = self.master_weights and b.dtype in LOW_PRECISION
         if _lean.is_lean(b.group, b.dtype, masters):
-            raise RuntimeError(_LEAN_TRACED.format(gi=b.gi))
+            return self._traced_lean_lists(b, masters)
         amsgrad = b.group["amsgrad"]
         lists = b.lists = {"exp_avgs": [], "exp_avg_sqs": [], "max_exp_avg_sqs": [],
                            "master_params": [], "steps": []}
@@ -178,16 +178,60 @@ class FusedAdam(FusedOptimizer):
         if not masters:
             lists["master_params"] = None
 
+    def _traced_lean_lists(self, b, masters):
+        """The lists of a lean bucket in a traced step: moments in the group's format read
+        from ``optimizer.state`` (missing ones created as zeros), masters, steps, streams.
+        Moments that the eager step would convert first (another format, a stale absmax)
+        are refused: conversion is not traced."""
+        group = b.group
+        _lean.check_options(group)
+        state_dtype = group["state_dtype"]
+        quantized = state_dtype == torch.int8
+        names = ("exp_avgs", "exp_avg_sqs", "exp_avg_absmaxes", "exp_avg_sq_absmaxes",
+                 "master_params", "steps")
+        lists = b.lists = {name: [] for name in names}
+        for p, where in zip(b.params, b.wheres):
+            state = _traced.entry(self, p, where)
+            for key, name, absmax_name in (("exp_avg", "exp_avgs", "exp_avg_absmaxes"),
+                                           ("exp_avg_sq", "exp_avg_sqs",
+                                            "exp_avg_sq_absmaxes")):
+                moment, absmax = _lean.traced_moment(state, key, p, where, state_dtype,
+                                                     _traced.mark_static)
+                lists[name].append(moment)
+                lists[absmax_name].append(absmax)
+            if masters:
+                lists["master_params"].append(
+                    _traced.vector(state, "master_param", p, where, master_copy))
+            lists["steps"].append(_traced.step_count(state, p, where))
+        if not quantized:
+            lists["exp_avg_absmaxes"] = lists["exp_avg_sq_absmaxes"] = None
+        if not masters:
+            lists["master_params"] = None
+        offset = sum(len(g["params"]) for g in self.param_groups[:b.gi])
+        lists["streams"] = [offset + j for j in b.positions]
+        b.backend = self._lean_backend_for(b.device).NAME
+
     def _traced_hyper(self, b):
         group = b.group
         beta1, beta2 = group["betas"]
-        return (*_traced.scalar(group["lr"], "lr"), *_traced.scalar(beta1, "betas[0]"),
-                *_traced.scalar(beta2, "betas[1]"), _number(group, "eps"),
-                _number(group, "weight_decay"), bool(group["amsgrad"]), bool(group["maximize"]),
+        common = (*_traced.scalar(group["lr"], "lr"), *_traced.scalar(beta1, "betas[0]"),
+                  *_traced.scalar(beta2, "betas[1]"), _number(group, "eps"),
+                  _number(group, "weight_decay"))
+        if "streams" in b.lists:
+            return (*common, bool(group["maximize"]), bool(group["decoupled_weight_decay"]),
+                    group["param_rounding"] == "stochastic", group["seed"])
+        return (*common, bool(group["amsgrad"]), bool(group["maximize"]),
                 bool(group["decoupled_weight_decay"]))
 
     def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists
+        if "streams" in lists:
+            torch.ops.fusedopt.lean_adam_step(
+                b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"],
+                lists["exp_avg_absmaxes"] or [], lists["exp_avg_sq_absmaxes"] or [],
+                lists["master_params"] or [], lists["steps"], lists["streams"], *hyper,
+                inv_scale, clip_coef, skip, b.backend, self._fo_store_id, b.gi, b.token)
+            return
         torch.ops.fusedopt.adam_step(
             b.params, b.grads, lists["exp_avgs"], lists["exp_avg_sqs"],
             lists["max_exp_avg_sqs"] or [], lists["master_params"] or [], lists["steps"], *hyper,
@@ -354,11 +398,10 @@ class FusedAdam(FusedOptimizer):
         return out
 
 
-_LEAN_TRACED = ("torch.compile of a fused Adam step with memory-lean states (param group "
-                "{gi}: state_dtype bfloat16 / int8, or param_rounding='stochastic' for "
-                "bfloat16 / float16 params without masters, or moments still in a lean format) "
-                "is not supported: the lean kernels are not custom ops. Run the step eagerly "
-                "(e.g. under torch.compiler.disable)")
+_LEAN_TRACED = ("torch.compile of a fused Adam step whose param group {gi} keeps fp32 states "
+                "while moments are still in a lean format (bf16, or 8-bit with an absmax) is "
+                "not supported: the conversion is not traced. Run one step eagerly (e.g. "
+                "under torch.compiler.disable) to convert them")
 
 
 class FusedAdamW(FusedAdam):

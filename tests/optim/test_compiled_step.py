@@ -1,7 +1,7 @@
 """torch.compile(opt.step, fullgraph=True): the step traces without a graph break (the
 kernels are torch.library custom ops) and equals the eager step bit for bit, step after
 step, with clipping, a loss scale that overflows once, tensor hyper-parameters changed in
-place, masters, fp64 params; it compiles twice (the first call creates the state) and not
+place, masters, fp64 params, memory-lean states; it compiles twice (the first call creates the state) and not
 again.  Compiling is slow: one Inductor test, the variants under the "eager" and
 "aot_eager" compile backends (the same tracing; aot_eager also runs the fake
 implementations and functionalization), the ops themselves through torch.library.opcheck."""
@@ -86,6 +86,12 @@ VARIANTS = {
     "adam-l2-fp16": (lambda ps, b: fo.optim.FusedAdam(ps, lr=1e-2, weight_decay=0.1,
                                                       skip_nonfinite=True, backend=b),
                      "adam", [torch.float16] * 4),
+    "adamw-bf16-states-clip": (lambda ps, b: fo.optim.FusedAdamW(
+        ps, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, skip_nonfinite=True,
+        state_dtype=torch.bfloat16, seed=3, backend=b), "lean_adam", None),
+    "adamw-8bit-states-bf16-params-stochastic": (lambda ps, b: fo.optim.FusedAdamW(
+        ps, lr=1e-2, state_dtype=torch.int8, param_rounding="stochastic", skip_nonfinite=True,
+        seed=4, backend=b), "lean_adam", [torch.bfloat16] * 4),
     "sgd-nesterov-clip": (lambda ps, b: fo.optim.FusedSGD(
         ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, max_grad_norm=1.0,
         backend=b), "sgd", None),
@@ -277,6 +283,37 @@ def test_an_optimizer_on_torch_distributed_is_refused_at_trace_time():
     assert_bit_identical(before, snapshot(opt, ps))
 
 
+def test_aot_eager_lean_states_with_masters_and_a_loss_scale():
+    """8-bit moments of fp16 params with fp32 masters and bf16 moments of fp32 params in
+    two groups, under a LossScaler's scale that overflows once, traced through
+    functionalization and the fake implementations of fusedopt::lean_adam_step."""
+    require_op("cpu", "lean_adam")
+
+    def make(ps):
+        return fo.optim.FusedAdamW(
+            [{"params": ps[:2]}, {"params": ps[2:], "state_dtype": torch.bfloat16}], lr=1e-2,
+            state_dtype=torch.int8, master_weights=True, max_grad_norm=0.5, seed=8,
+            backend="cpu")
+
+    twins = _twins(make, "cpu", [torch.float16, torch.float16, torch.float32, torch.float32])
+    (ps, opt), (qs, copt) = twins
+    scale = torch.tensor(2.0 ** 6)
+    compiled = torch.compile(lambda: copt._fo_step_with_loss_scale(scale)[0],
+                             backend="aot_eager", fullgraph=True)
+    for k, grads in enumerate(make_grads(SHAPES, steps=4, scale=2.0 ** 6)):
+        if k == 1:
+            grads[0][0, 0] = float("inf")
+        set_grads(ps, grads)
+        set_grads(qs, grads)
+        found = opt._fo_step_with_loss_scale(scale)[0]
+        assert torch.equal(compiled(), found)
+        _assert_same(twins[0], twins[1], f"step {k}")
+    assert float(copt.skipped_steps) == 1.0
+    assert copt.state[qs[0]]["exp_avg"].dtype == torch.int8
+    assert copt.state[qs[3]]["exp_avg_sq"].dtype == torch.bfloat16
+    assert _graphs_and_breaks() == (2, 0)
+
+
 @pytest.mark.parametrize("backend_name", ["cpu", "torch"])
 def test_custom_ops_pass_opcheck(backend_name):
     """Schemas (mutated lists declared), fake implementations and AOT dispatch of the ops."""
@@ -305,13 +342,22 @@ def test_custom_ops_pass_opcheck(backend_name):
     torch.library.opcheck(torch.ops.fusedopt.sgd_step.default, (
         ps, like(), like(0.0), [], list(flags), 0.0, torch.tensor(0.1), 0.9, 0.0, 0.1,
         False, True, *scalars, backend_name, store, 1, None))
+    codes = [torch.zeros(p.shape, dtype=torch.int8) for p in ps]
+    sq_codes = [torch.zeros(p.shape, dtype=torch.uint8) for p in ps]
+    blocks = [torch.zeros(-(-p.numel() // 256)) for p in ps]
+    for moments in ((codes, sq_codes, blocks, [b.clone() for b in blocks]),
+                    ([p.bfloat16() for p in like()], [p.bfloat16() for p in like()], [], [])):
+        torch.library.opcheck(torch.ops.fusedopt.lean_adam_step.default, (
+            ps, like(), *moments, [], [torch.zeros(()) for _ in ps], list(range(len(ps))),
+            1e-2, None, 0.9, torch.tensor(0.9), 0.999, None, 1e-8, 0.1, False, True, False, 7,
+            *scalars, backend_name, store, 2, after))
 
 
 def test_verify_step_refuses_a_spec_that_does_not_describe_its_tensors():
     tensors = [torch.zeros(3) for _ in range(4)]
     store, keep = _ops.new_store()
     for spec in ([0, 2, 0, 0, 1], [0, 1, 1, 0, 1], [0, -1, 0, 0], [0, 1, 5, 0], [0, 1, 0],
-                 [0, 1, 0, 0, 0, 2, 0, 0], [0, 1, 1, 0, 2]):
+                 [0, 1, 0, 0, 0, 2, 0, 0], [0, 1, 1, 0, 9], [0, 1, 0, 1, 2]):
         with pytest.raises(ValueError, match="does not describe the 4 tensors"):
             torch.ops.fusedopt.verify_step(tensors, spec, store, torch.device("cpu"))
     torch.ops.fusedopt.verify_step(tensors, [0, 1, 0, 0, 0, 1, 0, 0], store,
