@@ -89,10 +89,10 @@ def mesh_of(device, shape, names=None):
     return _MESHES[key]
 
 
-def fsdp2_model(device, mesh):
+def fsdp2_model(device, mesh, dtype=torch.float32):
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(device)
+    model = make_model(device).to(dtype)
     for layer in (model[0], model[2], model[4]):
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -127,6 +127,12 @@ def assert_close_to(params, ref, what):
 
 def bits(tensors):
     return [full(t.detach()).clone() for t in tensors]
+
+
+def run_state(model, opt):
+    """Bit copies of a run's params and of every state tensor of the optimizer."""
+    states = [v for p in model.parameters() for k, v in sorted(opt.state[p].items())]
+    return bits(list(model.parameters()) + states)
 
 
 def assert_same_bits(a, b, what):

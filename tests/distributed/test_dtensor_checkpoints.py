@@ -14,12 +14,7 @@ import torch
 
 from _harness import device_for, ranks  # noqa: F401  (ranks: a fixture)
 from optim_cases import (assert_same_bits, bits, fsdp2_model, fused, mesh_of,
-                         optimizer_backends, train)
-
-
-def _run_state(model, opt):
-    states = [v for p in model.parameters() for k, v in sorted(opt.state[p].items())]
-    return bits(list(model.parameters()) + states)
+                         optimizer_backends, run_state, train)
 
 
 def check_resume_is_bit_exact(rank, world, dist_backend, kind, backend, path):
@@ -55,7 +50,7 @@ def check_resume_is_bit_exact(rank, world, dist_backend, kind, backend, path):
     saved = {what: copy.deepcopy(get_optimizer_state_dict(model, opt, options=how))
              for what, how in (("flattened", flat), ("full on rank 0", offload))}
     train(model, opt, rank, world, range(3, 6), device)
-    want = _run_state(model, opt)
+    want = run_state(model, opt)
 
     # DCP into a fresh model and optimizer; get_state_dict first steps the fresh optimizer
     # on zero gradients with lr 0 (to create its state), which must change no param
@@ -80,7 +75,7 @@ def check_resume_is_bit_exact(rank, world, dist_backend, kind, backend, path):
         runs[f"get/set_optimizer_state_dict, {what}"] = (model, opt)
     for what, (model, opt) in runs.items():
         train(model, opt, rank, world, range(3, 6), device)
-        assert_same_bits(want, _run_state(model, opt), f"{kind} resumed from {what}")
+        assert_same_bits(want, run_state(model, opt), f"{kind} resumed from {what}")
     return sorted(runs)
 
 

@@ -16,8 +16,9 @@ import torch
 from _harness import device_for, ranks  # noqa: F401  (ranks: a fixture)
 from lean_cases import (CASES, LR, SEED, WEIGHT_DECAY, StepCheck, flat_np, lean_optimizer,
                         lean_train, local)
-from optim_cases import (EVEN, MAX_NORM, STEPS, assert_same_bits, batch, bits, loss_of,
-                         make_model, mesh_of, optimizer_backends, reference_run, rows_of)
+from optim_cases import (EVEN, MAX_NORM, STEPS, assert_same_bits, batch, fsdp2_model, loss_of,
+                         make_model, mesh_of, optimizer_backends, reference_run, rows_of,
+                         run_state)
 
 # How far 4 lean steps may take the params from torch's fp32 AdamW (lr 1e-2, updates of
 # about lr per step): bf16 moments (2^-9 relative) move an update by ~1.5 * 2^-9 * lr, 8-bit
@@ -25,15 +26,6 @@ from optim_cases import (EVEN, MAX_NORM, STEPS, assert_same_bits, batch, bits, l
 # lr; bf16 params also carry their own rounding (up to 2^-8 of a value near 1 per step,
 # stochastic).  Measured here: 1.0e-4, 6.5e-4 and 3.7e-3.
 QUALITY_ATOL = {"bf16": 2e-4, "int8": 2e-3, "bf16 params, stochastic": 2e-2}
-
-
-def fsdp2_model(device, mesh, dtype=torch.float32, widths=None):
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model(device, **({} if widths is None else {"widths": widths})).to(dtype)
-    for layer in (model[0], model[2], model[4]):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
 
 
 def _full(t):
@@ -187,11 +179,6 @@ def test_partitioned_lean_steps_with_a_process_group(ranks, case):
     assert pool.run(check_partitioned_lean_steps, dist_backend, case) == [True, True]
 
 
-def _run_state(model, opt):
-    states = [v for p in model.parameters() for k, v in sorted(opt.state[p].items())]
-    return bits(list(model.parameters()) + states)
-
-
 def check_resume_is_bit_exact(rank, world, dist_backend, case, backend, path):
     import copy
 
@@ -228,7 +215,7 @@ def check_resume_is_bit_exact(rank, world, dist_backend, case, backend, path):
     flat = StateDictOptions(flatten_optimizer_state_dict=True)
     flattened = copy.deepcopy(get_optimizer_state_dict(model, opt, options=flat))
     steps(model, opt, range(3, 6))
-    want = _run_state(model, opt)
+    want = run_state(model, opt)
 
     runs = {}
     model, opt = build()
@@ -250,7 +237,7 @@ def check_resume_is_bit_exact(rank, world, dist_backend, case, backend, path):
         runs[what] = model, opt
     for what, (model, opt) in runs.items():
         steps(model, opt, range(3, 6))
-        assert_same_bits(want, _run_state(model, opt), f"{case} resumed from {what}")
+        assert_same_bits(want, run_state(model, opt), f"{case} resumed from {what}")
     return sorted(runs)
 
 
