@@ -145,6 +145,7 @@ def _tensor(value, what: str) -> torch.Tensor:
         raise ValueError(f"{what} is a meta tensor: it has no data")
     if value.is_neg() or value.is_conj():
         raise ValueError(f"{what} is a lazily negated view")
+    boundary.check_storage(value, what)  # before a conversion reads it
     return value
 
 

@@ -82,6 +82,8 @@ class FusedAdam(FusedOptimizer):
     def _fo_visible(self, p, entry):
         step = entry.get("step")
         if isinstance(step, torch.Tensor):
+            if not _readable(step):  # not a counter the optimizer made: the user's, shown
+                return True
             return step.numel() == 1 and bool(step.reshape(()) > 0)
         return step is not None
 
@@ -426,6 +428,19 @@ class FusedAdamW(FusedAdam):
                          master_weights=master_weights, backend=backend,
                          process_group=process_group, state_dtype=state_dtype,
                          param_rounding=param_rounding, seed=seed)
+
+
+def _readable(t) -> bool:
+    """Whether the host may read ``t``'s values: a plain strided tensor with data inside its
+    storage (a step counter the user replaced may be a view of a freed storage)."""
+    if type(t) not in boundary.PLAIN_TYPES or t.layout != torch.strided \
+            or t.device.type == "meta":
+        return False
+    try:
+        boundary.check_storage(t, "a step counter")
+    except ValueError:
+        return False
+    return True
 
 
 def _drop_absmax(opt, p):

@@ -69,7 +69,10 @@ def build(spec):
         group_list.append(group)
     cls = {"adam": fo.optim.FusedAdam, "adamw": fo.optim.FusedAdamW,
            "sgd": fo.optim.FusedSGD}[spec["optimizer"]]
-    opt = cls(group_list, backend=spec["backend"], **spec["hyper"])
+    hyper = dict(spec["hyper"])
+    if "state_dtype" in hyper:
+        hyper["state_dtype"] = {"bfloat16": torch.bfloat16, "int8": torch.int8}[hyper["state_dtype"]]
+    opt = cls(group_list, backend=spec["backend"], **hyper)
     return params, opt
 
 
@@ -233,9 +236,10 @@ def _swap_grad(params, edit):
 
 
 def _edit_hyper(opt, edit):
-    what, index, key, how = edit
+    what, index, key, how = edit  # key in 0..7 (strategies_optim.edit_spec)
     group = opt.param_groups[index % len(opt.param_groups)]
-    name = ("lr", "eps", "weight_decay", "betas", "momentum", "max_grad_norm")[key % 6]
+    name = ("lr", "eps", "weight_decay", "betas", "momentum", "max_grad_norm", "state_dtype",
+            "seed")[key % 8]
     if name not in group:
         return
     group[name] = {"nan": float("nan"), "negative": -1.0, "string": "fast", "inf": float("inf"),

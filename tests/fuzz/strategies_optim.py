@@ -25,7 +25,12 @@ def param_specs(draw, backend, dtype=None):
     return out
 
 
-def _hyper(draw, optimizer, lowp):
+LEAN = {None: {}, "bf16": dict(state_dtype="bfloat16"), "int8": dict(state_dtype="int8"),
+        "stochastic": dict(param_rounding="stochastic"),
+        "int8+stochastic": dict(state_dtype="int8", param_rounding="stochastic")}
+
+
+def _hyper(draw, optimizer, lowp, lean):
     lr = draw(st.sampled_from((1e-3, 1e-2, 0.5, 10.0)))
     hyper = dict(lr=lr, weight_decay=draw(st.sampled_from((0.0, 0.0, 1e-2, 0.5))),
                  maximize=draw(st.booleans()),
@@ -42,15 +47,20 @@ def _hyper(draw, optimizer, lowp):
                      amsgrad=draw(st.booleans()))
         if lowp:
             hyper["master_weights"] = draw(st.booleans())
+        options = LEAN[draw(st.sampled_from(sorted(LEAN, key=str)))] if lean else {}
+        if options:  # memory-lean states (their dtypes by name: the spec is plain data)
+            hyper.update(options, amsgrad=False, seed=draw(st.integers(0, 2 ** 32 - 1)))
     return hyper
 
 
 @st.composite
-def optim_spec(draw, backend):
+def optim_spec(draw, backend, lean=False):
+    """A run's spec; with ``lean`` Adam may keep memory-lean states (bf16 / 8-bit moments,
+    stochastic rounding of low-precision params)."""
     optimizer = draw(st.sampled_from(("adam", "adamw", "sgd")))
     params = draw(param_specs(backend))
     lowp = params[0]["dtype"] != "float32"
-    hyper = _hyper(draw, optimizer, lowp)
+    hyper = _hyper(draw, optimizer, lowp, lean)
     if hyper.get("nesterov") and (hyper["momentum"] == 0 or hyper["dampening"] != 0):
         hyper["nesterov"] = False  # torch refuses that (tested among the bad arguments)
     steps = draw(st.integers(1, 4))
@@ -84,7 +94,7 @@ EDITS = {
 
 @st.composite
 def edit_spec(draw, backend):
-    spec = draw(optim_spec(backend))
+    spec = draw(optim_spec(backend, lean=True))
     spec.update(specials=(), scaler=None, steps=draw(st.integers(2, 3)), grad_scale=1.0)
     kind = draw(st.sampled_from(sorted(EDITS)))
     spec["edit"] = (kind, draw(st.integers(0, 7)), draw(st.integers(0, 7)),

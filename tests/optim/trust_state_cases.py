@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 
+import fusedopt as fo
+from optim_helpers import assert_bit_identical, snapshot
 from trust_common import (BF16, BIG, F32, Sub, case, load_refused, step_refused, stepped_adam,
                           stepped_sgd)
 
@@ -163,3 +166,60 @@ def hyper_parameter_beyond_fp32_edited_in_a_group(b):
         value = make(b)[1].param_groups[0][key]
         step_refused(b, make, edit(key), ValueError, rf"invalid {key}: 1e\+300 \(a finite value",
                      fix=fix(key, value))
+
+
+def _freed_like(t):
+    """A tensor of ``t``'s shape and dtype viewing a storage that was then freed (as the
+    fuzz suite's edits make them: the view's address is not null)."""
+    big = torch.zeros(t.numel() + 4, dtype=t.dtype, device=t.device)
+    view = big[4:].view(t.shape)
+    big.untyped_storage().resize_(0)
+    return view
+
+
+def _raises(action, exc, pattern):
+    try:
+        action()
+    except exc as e:
+        if not re.search(pattern, str(e)):
+            raise AssertionError(f"message {str(e)!r} does not match {pattern!r}") from None
+    else:
+        raise AssertionError(f"no {exc.__name__} raised")
+
+
+@case
+def step_counter_in_a_freed_storage_while_its_entry_is_hidden(b):
+    """Found by the fuzz suite: ``param in optimizer.state`` read the step counter of an
+    entry created at the last step (to learn whether that step completed), here one the
+    user replaced with a view of a freed storage (SIGSEGV).  Such a counter is not the
+    optimizer's: the entry shows, and the next step refuses it."""
+    ps, opt = stepped_adam(b)
+    assert ps[0] in opt._fo_hidden  # nothing asked yet whether the last step completed
+    entry = opt._fo_state[ps[0]]
+    good = entry["step"]
+    before = snapshot(opt, ps)
+    entry["step"] = _freed_like(good)
+    assert ps[0] in opt.state and len(opt.state) == len(ps)
+    _raises(opt.step, ValueError, r"\['step'\] reaches past the end of its storage")
+    entry["step"] = good
+    assert_bit_identical(before, snapshot(opt, ps))
+
+
+@case
+def lean_moment_to_convert_in_a_freed_storage(b):
+    """A moment the next step converts to its group's new state_dtype (bf16 -> 8-bit), and
+    a moment ``dequantize_state_dict`` decodes, are checked before anything reads them."""
+    ps, opt = stepped_adam(b, state_dtype=torch.bfloat16)
+    entry = opt._fo_state[ps[1]]
+    good = entry["exp_avg"]
+    before = snapshot(opt, ps)
+    opt.param_groups[0]["state_dtype"] = torch.int8
+    entry["exp_avg"] = _freed_like(good)
+    _raises(opt.step, ValueError, r"\['exp_avg'\] reaches past the end of its storage")
+    entry["exp_avg"] = good
+    opt.param_groups[0]["state_dtype"] = torch.bfloat16
+    assert_bit_identical(before, snapshot(opt, ps))
+    sd = opt.state_dict()
+    sd["state"][1] = dict(sd["state"][1], exp_avg=_freed_like(good))
+    _raises(lambda: fo.optim.dequantize_state_dict(sd), ValueError,
+            r"state\[1\]\['exp_avg'\] reaches past the end of its storage")
