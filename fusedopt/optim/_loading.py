@@ -22,8 +22,8 @@ checkpoint's groups) and the key:
   dropped;
 - ``step``: a number or a one-element real tensor of any shape, dtype and device, made a
   0-dim fp32 tensor on the param's device;
-- any plain tensor value must lie inside its storage (ValueError for a view of a freed or
-  shrunk storage, before anything reads it);
+- any plain tensor value, and the local tensor of a DTensor state, must lie inside its
+  storage (ValueError for a view of a freed or shrunk storage, before anything reads it);
 - None values are dropped (torch's SGD saves ``momentum_buffer: None``); a missing key is
   created at the next step as at a first step; other keys are kept as they are;
 - a group without a key the optimizer has gets its default (``decoupled_weight_decay``:
@@ -131,6 +131,8 @@ def state_tensor(value, p, what) -> torch.Tensor:
         raise TypeError(f"{what} has dtype {shard.dtype}, which does not cast to {target}")
     if shard.device.type == "meta":
         raise ValueError(f"{what} is a meta tensor: it has no data to load")
+    if shard is not value and shard.layout == torch.strided:  # a DTensor's local tensor
+        boundary.check_storage(shard, what[:-1])  # (plain values: checked by `_entry`)
     if dtensor_param:  # this rank's shard of the value, in a DTensor like the param
         return _distributed.like_param(p, _distributed.shard_of(value, p, what))
     if value.shape != p.shape:

@@ -122,6 +122,55 @@ def dtensor_params_step_bit_identically_to_plain_ones(b):
 
 
 @case
+def dtensor_lean_states_step_bit_identically_to_plain_ones(b):
+    """Memory-lean states on row-, replica- and column-placed params (one shard each on one
+    rank: the plain run's random streams), clipped and loss-scaled: the local shards get
+    the plain run's bits, the moments are DTensors, the 8-bit absmax plain; state_dict()
+    holds the 8-bit moments decoded and a fresh optimizer loads them back exactly."""
+    from torch.distributed.tensor import DTensor
+
+    if not backends.status(b)[0] or not backends._usable(b, "lean_adam", device_of(b))[0]:
+        return
+    dev = device_of(b)
+    for kw, dtype in ((dict(state_dtype=torch.bfloat16), torch.float32),
+                      (dict(state_dtype=torch.int8), torch.float32),
+                      (dict(state_dtype=torch.int8, param_rounding="stochastic"), torch.bfloat16)):
+        ps, plain = _dtensor_params(dev)
+        ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in ps]
+        plain = [q.detach().to(dtype).requires_grad_() for q in plain]
+        kw = dict(kw, lr=1e-2, max_grad_norm=0.5, seed=11, backend=b)
+        opts = fo.optim.FusedAdamW(ps, **kw), fo.optim.FusedAdamW(plain, **kw)
+        scalers = fo.amp.LossScaler(init_scale=2.0**4), fo.amp.LossScaler(init_scale=2.0**4)
+        for k in range(3):
+            _grads(ps, plain, k, scale=16.0)
+            for opt, scaler in zip(opts, scalers):
+                scaler.scale(torch.ones((), device=dev))
+                scaler.step(opt)
+                scaler.update()
+        for p, q in zip(ps, plain):
+            assert torch.equal(p.to_local().view(torch.int16 if dtype != torch.float32
+                                                 else torch.int32),
+                               q.detach().view(torch.int16 if dtype != torch.float32
+                                               else torch.int32))
+            for key, value in opts[1].state[q].items():
+                mine = opts[0].state[p][key]
+                if key in ("exp_avg", "exp_avg_sq"):
+                    assert type(mine) is DTensor and mine.placements == p.placements, key
+                    mine = mine.to_local()
+                assert torch.equal(mine, value), key
+        sd = opts[0].state_dict()
+        fresh = fo.optim.FusedAdamW(ps, **kw)
+        fresh.load_state_dict(sd)
+        for i, p in enumerate(ps):
+            for key, value in opts[0].state[p].items():
+                mine = fresh.state[p][key]
+                local = getattr(value, "to_local", lambda v=value: v)()
+                assert torch.equal(getattr(mine, "to_local", lambda m=mine: m)(), local), key
+            if kw["state_dtype"] == torch.int8:
+                assert sd["state"][i]["exp_avg"].dtype == torch.float32
+
+
+@case
 def dtensor_state_and_grads_that_do_not_fit_are_refused(b):
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -180,6 +229,8 @@ def dtensor_params_construct_checks(b):
 
 @case
 def dtensor_checkpoints_load_and_refuse(b):
+    from torch.distributed.tensor import DTensor
+
     dev = device_of(b)
     ps, plain = _dtensor_params(dev)
     opt = fo.optim.FusedAdamW(ps, lr=1e-2, backend=b)
@@ -198,6 +249,14 @@ def dtensor_checkpoints_load_and_refuse(b):
                 mine, theirs = opt.state[p][key], other.state[q][key]
                 assert theirs.placements == q.placements
                 assert torch.equal(mine.to_local(), theirs.to_local())
+    freed = dict(sd, state=dict(sd["state"]))  # a DTensor whose local storage was freed
+    local = torch.zeros(ps[0].to_local().numel() + 4, device=dev)
+    view = local[4:].view(ps[0].to_local().shape)
+    local.untyped_storage().resize_(0)
+    freed["state"][0] = dict(sd["state"][0], exp_avg=DTensor.from_local(
+        view, ps[0].device_mesh, ps[0].placements, run_check=False))
+    _refused(opt, ps, lambda: opt.load_state_dict(freed), ValueError,
+             r"param 0, key 'exp_avg' reaches past the end of its storage")
     plain_opt = fo.optim.FusedAdamW(plain, lr=1e-2, backend=b)
     try:
         plain_opt.load_state_dict(sd)
