@@ -46,6 +46,19 @@ def in_fp32_range(v: float, name: str) -> float:
     return v
 
 
+def readable_scalar(value, name) -> None:
+    """A one-element tensor (a hyper-parameter, a scale, a flag) whose value the host or a
+    copy may read: a plain strided tensor with data inside its storage (TypeError /
+    ValueError otherwise: a view of a freed storage would be read out of bounds)."""
+    if type(value) not in boundary.PLAIN_TYPES:
+        raise TypeError(f"{name} as a tensor must be a plain torch.Tensor, got "
+                        f"{type(value).__name__}")
+    if value.layout != torch.strided or value.device.type == "meta":
+        raise ValueError(f"{name} as a tensor must hold its value in memory, got a "
+                         f"{value.layout} tensor on {value.device}")
+    boundary.check_storage(value, name)
+
+
 def _scalar(name, value, *, tensor_ok):
     """The float value of a number (or, when allowed, of a one-element float tensor)."""
     if torch.is_tensor(value):
@@ -54,6 +67,7 @@ def _scalar(name, value, *, tensor_ok):
         if value.numel() != 1 or not value.is_floating_point():
             raise TypeError(f"{name} as a tensor must have one floating-point element, "
                             f"got shape {tuple(value.shape)} dtype {value.dtype}")
+        readable_scalar(value, name)
         v = float(value.detach().reshape(()).item())
     elif not _is_real(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
@@ -261,6 +275,10 @@ def step_count(value, p, what):
             if shard.numel() != 1:
                 raise ValueError(f"{what} must hold one number, got a DTensor of shape "
                                  f"{tuple(value.shape)}")
+            if shard.layout != torch.strided or shard.device.type == "meta":
+                raise ValueError(f"{what} must hold one number in memory, got a "
+                                 f"{shard.layout} tensor on {shard.device}")
+            boundary.check_storage(shard, what)  # before the conversion reads it
             value = shard.detach().reshape(()).to(p.device, torch.float32, copy=True)
             return value, True
         boundary.local_tensor(value, what)
@@ -271,7 +289,8 @@ def step_count(value, p, what):
             raise TypeError(f"{what} must be a real number on a device with data, got "
                             f"{value.dtype} on {value.device}")
         if value.dim() == 0 and value.dtype == torch.float32 and value.device == p.device:
-            return value, False
+            return value, False  # the kernel boundary checks its storage
+        boundary.check_storage(value, what)  # before the conversion reads it
         value = value.detach().reshape(())
         if value.device != p.device:
             value = value.to(p.device, non_blocking=value.device.type == "cpu")

@@ -9,7 +9,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
-from fusedopt.optim._checks import in_fp32_range
+from fusedopt.optim._checks import in_fp32_range, readable_scalar
 
 _F32 = torch.float32
 
@@ -40,6 +40,7 @@ def hyper(value, device, name="lr"):
     if value.numel() != 1 or not value.is_floating_point() or type(value) not in boundary.PLAIN_TYPES:
         raise TypeError(f"{name} as a tensor must be a plain one-element floating-point tensor, "
                         f"got {type(value).__name__} of shape {tuple(value.shape)}, {value.dtype}")
+    readable_scalar(value, name)
     if value.device.type == "cpu" and device.type != "cpu":
         return float(value.reshape(()).item())
     return on_device(value, device)
@@ -55,4 +56,6 @@ def amp_scalar(value, name):
     if value.numel() != 1 or not value.is_floating_point():
         raise ValueError(f"optimizer.{name} must be a one-element floating-point tensor, got "
                          f"shape {tuple(value.shape)} dtype {value.dtype}")
+    if not torch.compiler.is_compiling():  # (a traced step reads no address)
+        readable_scalar(value, f"optimizer.{name}")
     return value.reshape(())

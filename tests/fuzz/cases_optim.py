@@ -178,6 +178,8 @@ def _edit_state(opt, params, edit):
         st[key] = 0.5
     elif how == "reset":
         opt.state[p] = {}
+    elif how == "freed_float64":  # a value the step would convert (read) first
+        st[key] = corrupt(value.double(), "freed")
 
 
 def _edit_checkpoint(sd, edit):
@@ -244,7 +246,8 @@ def _edit_hyper(opt, edit):
         return
     group[name] = {"nan": float("nan"), "negative": -1.0, "string": "fast", "inf": float("inf"),
                    "tensor2": torch.tensor([0.1, 0.2]), "int_tensor": torch.tensor(1),
-                   "huge": 1e300}.get(how, float("nan"))
+                   "huge": 1e300, "freed_tensor": corrupt(torch.tensor(0.1), "freed"),
+                   "meta_tensor": torch.tensor(0.1, device="meta")}.get(how, float("nan"))
     if name == "betas":
         group[name] = (group[name], 0.9)
 

@@ -107,9 +107,12 @@ def assert_matches(got, want, atol, dtype, what, roundings=1):
     assert torch.equal(torch.isinf(got) & ~nan, inf) and torch.equal(got[inf], want[inf]), (
         f"{what}: infinities differ: got {got[inf | torch.isinf(got)].tolist()[:6]}")
     ok = ~(nan | inf)
-    lowp = roundings * torch.finfo(dtype).eps / 2 if dtype in (torch.bfloat16,
-                                                               torch.float16) else 0.0
-    bound = (torch.as_tensor(atol, dtype=torch.float64).expand_as(want) + lowp * want.abs())
+    lowp = tiny = 0.0
+    if dtype in (torch.bfloat16, torch.float16):  # half an ulp per rounding; below the
+        info = torch.finfo(dtype)  # normal range the ulp is the subnormals' fixed spacing
+        lowp, tiny = roundings * info.eps / 2, roundings * info.smallest_normal * info.eps / 2
+    bound = (torch.as_tensor(atol, dtype=torch.float64).expand_as(want) + lowp * want.abs()
+             + tiny)
     err = (got - want).abs()
     bad = ok & (err > bound)
     assert not bad.any(), (

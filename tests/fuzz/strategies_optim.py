@@ -81,13 +81,15 @@ def optim_spec(draw, backend, lean=False):
 
 EDITS = {
     "state": ("delete", "wrong_shape", "uint8", "float64", "transposed", "freed", "shrunk",
-              "tagged", "wrapper", "meta", "negated", "python_float", "reset"),
+              "tagged", "wrapper", "meta", "negated", "python_float", "reset",
+              "freed_float64"),
     "checkpoint": ("delete", "wrong_shape", "uint8", "float64", "python_float", "extra_index",
                    "string", "tagged", "wrapper", "meta", "freed", "shrunk", "negated",
                    "drop_groups"),
     "grad": ("bf16_data", "wrong_shape_data", "float64", "sparse", "tagged", "wrapper",
              "freed", "shrunk", "negated", "meta", "expanded"),
-    "hyper": ("nan", "negative", "string", "inf", "tensor2", "int_tensor", "huge"),
+    "hyper": ("nan", "negative", "string", "inf", "tensor2", "int_tensor", "huge",
+              "freed_tensor", "meta_tensor"),
     "param_storage": ("freed",),
 }
 

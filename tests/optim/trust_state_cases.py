@@ -223,3 +223,36 @@ def lean_moment_to_convert_in_a_freed_storage(b):
     sd["state"][1] = dict(sd["state"][1], exp_avg=_freed_like(good))
     _raises(lambda: fo.optim.dequantize_state_dict(sd), ValueError,
             r"state\[1\]\['exp_avg'\] reaches past the end of its storage")
+
+
+@case
+def values_read_on_the_host_in_a_freed_storage(b):
+    """Found by the fuzz suite: values the step reads or converts before the kernel
+    boundary sees them -- a tensor lr or beta (checked and moved to the params' device), a
+    step counter of another dtype (converted to fp32), GradScaler's grad_scale -- as
+    views of a freed storage were read (SIGSEGV).  Each is refused, nothing changed."""
+    ps, opt = stepped_adam(b)
+    group = opt.param_groups[0]
+    for key, value in (("lr", torch.tensor(1e-2, dtype=torch.float64)),
+                       ("betas", torch.tensor(0.9))):
+        good = group[key]
+        group[key] = (_freed_like(value), good[1]) if key == "betas" else _freed_like(value)
+        _raises(opt.step, ValueError, r"(lr|betas\[0\]) reaches past the end of its storage")
+        group[key] = good
+    try:
+        fo.optim.FusedAdamW(ps, lr=_freed_like(torch.tensor(1e-2)), backend=b)
+    except ValueError as e:
+        assert "lr reaches past the end of its storage" in str(e), e
+    else:
+        raise AssertionError("a freed lr tensor was taken")
+    before = snapshot(opt, ps)
+    entry = opt._fo_state[ps[2]]
+    good = entry["step"]
+    entry["step"] = _freed_like(good.double())
+    _raises(opt.step, ValueError, r"\['step'\] reaches past the end of its storage")
+    entry["step"] = good
+    opt.grad_scale = _freed_like(torch.tensor(1.0, device=ps[0].device))
+    _raises(opt.step, ValueError, r"optimizer.grad_scale reaches past the end of its storage")
+    del opt.grad_scale
+    assert_bit_identical(before, snapshot(opt, ps))
+    opt.step()
