@@ -27,6 +27,7 @@ from numbers import Real
 
 import torch
 
+from fusedopt.backends._plain import PLAIN_TYPES, check_storage
 from fusedopt.optim._distributed import all_reduce_sum, local
 
 _F32 = torch.float32
@@ -45,6 +46,27 @@ def _number(name, value, *, low, high=None, low_open=True):
 def _interval(value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"invalid growth_interval: {value!r} (expected an int >= 1)")
+
+
+_STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def _loaded(key, value):
+    """A loaded state dict value as a Python number: a number, or a one-element real tensor
+    whose value may be read (checked: no view of a freed storage, no meta tensor)."""
+    if isinstance(value, torch.Tensor):
+        if type(value) not in PLAIN_TYPES or value.numel() != 1 or value.is_complex() \
+                or value.layout != torch.strided or value.device.type == "meta":
+            raise TypeError(f"LossScaler state {key!r} must be a number or a plain "
+                            f"one-element real tensor, got {type(value).__name__} of shape "
+                            f"{tuple(value.shape)} on {value.device}")
+        check_storage(value, f"LossScaler state {key!r}")
+        value = value.detach().reshape(()).item()
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"LossScaler state {key!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"invalid {key}: {value!r} (expected a finite number)")
+    return value
 
 
 class LossScaler:
@@ -104,6 +126,8 @@ class LossScaler:
         if not self._enabled:
             return outputs
         if torch.is_tensor(outputs):
+            if type(outputs) in PLAIN_TYPES and outputs.layout == torch.strided:
+                check_storage(outputs, "the tensor to scale")  # (a freed one: not read)
             if self._scale is None:
                 self._lazy_init(outputs.device)
             return outputs * self._scale.to(outputs.device)
@@ -283,14 +307,34 @@ class LossScaler:
         """Like GradScaler's: a no-op on a disabled scaler."""
         if not self._enabled:
             return
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"a LossScaler state dict must be a dict, got "
+                            f"{type(state_dict).__name__}")
         if len(state_dict) == 0:
             raise RuntimeError("LossScaler.load_state_dict() got an empty state dict: it was "
                                "saved from a disabled scaler")
-        self._init_scale = float(state_dict["scale"])
-        self._growth_factor = float(state_dict["growth_factor"])
-        self._backoff_factor = float(state_dict["backoff_factor"])
-        self._growth_interval = int(state_dict["growth_interval"])
-        self._init_growth_tracker = int(state_dict["_growth_tracker"])
+        missing = [key for key in _STATE_KEYS if key not in state_dict]
+        if missing:
+            raise ValueError(f"LossScaler.load_state_dict(): the state dict lacks {missing} "
+                             f"(GradScaler's keys: {list(_STATE_KEYS)})")
+        # every value checked before anything is set: a refused load changes nothing
+        values = {key: _loaded(key, state_dict[key]) for key in _STATE_KEYS}
+        _number("scale", values["scale"], low=0.0)
+        _number("growth_factor", values["growth_factor"], low=1.0)
+        _number("backoff_factor", values["backoff_factor"], low=0.0, high=1.0)
+        for key in ("growth_interval", "_growth_tracker"):
+            if float(values[key]) != int(values[key]):
+                raise ValueError(f"invalid {key}: {values[key]!r} (expected an integer)")
+            values[key] = int(values[key])
+        _interval(values["growth_interval"])
+        if values["_growth_tracker"] < 0:
+            raise ValueError(f"invalid _growth_tracker: {values['_growth_tracker']} (expected "
+                             f"an int >= 0)")
+        self._init_scale = float(values["scale"])
+        self._growth_factor = float(values["growth_factor"])
+        self._backoff_factor = float(values["backoff_factor"])
+        self._growth_interval = values["growth_interval"]
+        self._init_growth_tracker = values["_growth_tracker"]
         if self._scale is not None:
             self._scale.fill_(self._init_scale)
             self._growth_tracker.fill_(self._init_growth_tracker)

@@ -156,3 +156,37 @@ def test_grad_scaler_accessors_and_disabled_scaler():
         scaler.update()
         assert scaler.state_dict() == {} and scaler.get_scale() == 1.0
         scaler.load_state_dict({"scale": 2.0})  # a no-op on a disabled scaler, as torch's
+
+
+def test_load_state_dict_checks_every_value_before_setting_any():
+    """GradScaler's state dicts load (numbers, or one-element tensors); a missing key, a
+    value of the wrong type or outside the constructor's ranges is refused by name, and the
+    refused load leaves the scaler as it was."""
+    torch_sd = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=3).state_dict()
+    scaler = fo.amp.LossScaler(init_scale=2.0 ** 10)
+    scaler.load_state_dict(torch_sd)
+    assert scaler.get_scale() == 8.0 and scaler.get_growth_interval() == 3
+    scaler.load_state_dict({k: torch.tensor(v) for k, v in torch_sd.items()})
+    assert scaler.get_scale() == 8.0
+    scaler.scale(torch.ones(()))
+    before = scaler.state_dict()
+    for edit, error, match in (
+            (dict(scale=None), TypeError, "'scale' must be a number"),
+            (dict(scale=-1.0), ValueError, r"invalid scale: -1\.0"),
+            (dict(scale=float("nan")), ValueError, "invalid scale: nan"),
+            (dict(growth_factor=0.5), ValueError, "invalid growth_factor"),
+            (dict(backoff_factor=1.0), ValueError, "invalid backoff_factor"),
+            (dict(growth_interval=2.5), ValueError, "invalid growth_interval: 2.5"),
+            (dict(growth_interval=0), ValueError, "invalid growth_interval: 0"),
+            (dict(_growth_tracker=-1), ValueError, "invalid _growth_tracker"),
+            (dict(scale=torch.ones(2)), TypeError, "one-element real tensor"),
+            (dict(scale=torch.ones((), device="meta")), TypeError, "on meta"),
+            (dict(scale="big"), TypeError, "'scale' must be a number")):
+        with pytest.raises(error, match=match):
+            scaler.load_state_dict(dict(torch_sd, **edit))
+        assert scaler.state_dict() == before
+    with pytest.raises(ValueError, match=r"lacks \['growth_interval'\]"):
+        scaler.load_state_dict({k: v for k, v in torch_sd.items() if k != "growth_interval"})
+    with pytest.raises(TypeError, match="must be a dict"):
+        scaler.load_state_dict([1.0])
+    assert scaler.state_dict() == before

@@ -9,8 +9,8 @@ import torch
 
 import fusedopt as fo
 from optim_helpers import assert_bit_identical, snapshot
-from trust_common import (BF16, BIG, F32, Sub, case, load_refused, step_refused, stepped_adam,
-                          stepped_sgd)
+from trust_common import (BF16, BIG, F32, Sub, case, device_of, load_refused, step_refused,
+                          stepped_adam, stepped_sgd)
 
 # ------------------------------------------------------------------ checkpoints
 
@@ -256,3 +256,19 @@ def values_read_on_the_host_in_a_freed_storage(b):
     del opt.grad_scale
     assert_bit_identical(before, snapshot(opt, ps))
     opt.step()
+
+
+@case
+def loss_scaler_values_in_a_freed_storage(b):
+    """A loss to scale and a LossScaler state dict value that view a freed storage are
+    refused before anything reads them (``loss * scale`` on such a view crashes torch)."""
+    dev = device_of(b)
+    scaler = fo.amp.LossScaler(init_scale=4.0)
+    _raises(lambda: scaler.scale(_freed_like(torch.ones((), device=dev))), ValueError,
+            "the tensor to scale reaches past the end of its storage")
+    loss = scaler.scale(torch.ones((), device=dev))
+    assert float(loss) == 4.0
+    sd = scaler.state_dict()
+    _raises(lambda: scaler.load_state_dict(dict(sd, scale=_freed_like(torch.ones(())))),
+            ValueError, "LossScaler state 'scale' reaches past the end of its storage")
+    assert scaler.state_dict() == sd
