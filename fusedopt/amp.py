@@ -27,7 +27,7 @@ from numbers import Real
 
 import torch
 
-from fusedopt.backends._plain import PLAIN_TYPES, check_storage
+from fusedopt.backends._plain import PLAIN_TYPES, check_storage, shown
 from fusedopt.optim._distributed import all_reduce_sum, local
 
 _F32 = torch.float32
@@ -36,7 +36,7 @@ _UNSCALED, _STEPPED = "unscaled", "stepped"
 
 def _number(name, value, *, low, high=None, low_open=True):
     if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"invalid {name}: {value!r} (expected a finite number)")
+        raise ValueError(f"invalid {name}: {shown(value)} (expected a finite number)")
     bad = value <= low if low_open else value < low
     if bad or (high is not None and value >= high):
         bounds = f"> {low}" if high is None else f"in ({low}, {high})"
@@ -45,7 +45,7 @@ def _number(name, value, *, low, high=None, low_open=True):
 
 def _interval(value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"invalid growth_interval: {value!r} (expected an int >= 1)")
+        raise ValueError(f"invalid growth_interval: {shown(value)} (expected an int >= 1)")
 
 
 _STATE_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
@@ -63,7 +63,7 @@ def _loaded(key, value):
         check_storage(value, f"LossScaler state {key!r}")
         value = value.detach().reshape(()).item()
     if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"LossScaler state {key!r} must be a number, got {value!r}")
+        raise TypeError(f"LossScaler state {key!r} must be a number, got {shown(value)}")
     if not math.isfinite(value):
         raise ValueError(f"invalid {key}: {value!r} (expected a finite number)")
     return value
@@ -82,9 +82,9 @@ class LossScaler:
         if isinstance(device, Real) and not isinstance(device, bool):  # LossScaler(2.0**10)
             device, init_scale = None, device
         if device is not None and not isinstance(device, (str, torch.device)):
-            raise TypeError(f"device must be a device name, a torch.device or None, got {device!r}")
+            raise TypeError(f"device must be a device name, a torch.device or None, got {shown(device)}")
         if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+            raise TypeError(f"enabled must be a bool, got {shown(enabled)}")
         _number("init_scale", init_scale, low=0.0)
         _number("growth_factor", growth_factor, low=1.0)
         _number("backoff_factor", backoff_factor, low=0.0, high=1.0)
@@ -126,7 +126,8 @@ class LossScaler:
         if not self._enabled:
             return outputs
         if torch.is_tensor(outputs):
-            if type(outputs) in PLAIN_TYPES and outputs.layout == torch.strided:
+            if type(outputs) in PLAIN_TYPES and outputs.layout == torch.strided \
+                    and not torch.compiler.is_compiling():  # (traced: no addresses)
                 check_storage(outputs, "the tensor to scale")  # (a freed one: not read)
             if self._scale is None:
                 self._lazy_init(outputs.device)

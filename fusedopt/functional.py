@@ -16,7 +16,7 @@ import torch
 
 from fusedopt import backends, ops
 from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
-from fusedopt.backends._plain import check_storage
+from fusedopt.backends._plain import check_storage, shown
 from fusedopt.ops import _common
 from fusedopt.ops._dtensor import is_dtensor
 
@@ -70,13 +70,13 @@ def _check_same_device(input, name, tensor):
 
 def _check_number(name, value, *, low=None, high=None, low_open=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+        raise TypeError(f"{name} must be a real number, got {shown(value)}")
     value = float(value)
     too_low = low is not None and (value <= low if low_open else value < low)
     if math.isnan(value) or too_low or (high is not None and value > high):
         lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
         hi = "" if high is None else f"<= {high:g}"
-        raise ValueError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {value!r}")
+        raise ValueError(f"{name} must be {' and '.join(s for s in (lo, hi) if s)}, got {shown(value)}")
     return value
 
 
@@ -85,16 +85,16 @@ def _check_fp32_range(name, value, low, high):
     usable in fp32 (outside, it would round to 0 or inf in the kernels)."""
     if not low <= float(value) <= high:
         raise ValueError(f"{name} must be in [{low:.4g}, {high:.4g}] (the range the kernels "
-                         f"compute it right in fp32), got {value!r}")
+                         f"compute it right in fp32), got {shown(value)}")
 
 
 def _check_common(reduction, label_smoothing, backend):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}, "
-                         f"got {reduction!r}")
+                         f"got {shown(reduction)}")
     _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if backend is not None and backend not in backends.NAMES:
-        raise ValueError(f"unknown fusedopt backend {backend!r}; expected one of "
+        raise ValueError(f"unknown fusedopt backend {shown(backend)}; expected one of "
                          f"{', '.join(backends.NAMES)} or None")
 
 
@@ -112,7 +112,7 @@ def _check_classes(input, target, ignore_index, *, allow_soft):
     _check_same_device(input, "target", target)
     _check_memory("target", target)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        raise TypeError(f"ignore_index must be an int, got {shown(ignore_index)}")
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64 ([{_INT64_MIN}, {_INT64_MAX}]), got "
                          f"{ignore_index}")
@@ -154,12 +154,12 @@ def _check_z_loss_softcap(z_loss, softcap):
     """The z-loss coefficient and the soft-cap of the cross-entropy losses."""
     _check_number("z_loss", z_loss, low=0.0)
     if not math.isfinite(float(z_loss)):
-        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+        raise ValueError(f"z_loss must be finite, got {shown(z_loss)}")
     _check_fp32_range("z_loss", z_loss, 0.0, _FP32.max)
     if softcap is not None:
         _check_number("softcap", softcap, low=0.0, low_open=True)
         if not math.isfinite(float(softcap)):
-            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
+            raise ValueError(f"softcap must be finite or None, got {shown(softcap)}")
         _check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
 
 
@@ -176,7 +176,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         _check_class_vector(input, "weight", weight)
     _check_z_loss_softcap(z_loss, softcap)
     if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+        raise TypeError(f"inplace_backward must be a bool, got {shown(inplace_backward)}")
     return ops.cross_entropy(input, target, weight, int(ignore_index), reduction,
                              label_smoothing, z_loss, softcap, inplace_backward, backend)
 
@@ -198,7 +198,7 @@ def focal_loss(input, target, gamma=2.0, alpha=None, ignore_index=-100, reductio
         if float(alpha) < 0:
             raise ValueError(f"alpha must be >= 0 or None (None: no class weighting; a "
                              f"negative alpha disables weighting only in "
-                             f"sigmoid_focal_loss), got {alpha!r}")
+                             f"sigmoid_focal_loss), got {shown(alpha)}")
         _check_fp32_range("alpha", alpha, 0.0, _FP32.max)
     return ops.focal_loss(input, target, gamma, alpha, int(ignore_index), reduction,
                           label_smoothing, backend)
@@ -292,7 +292,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if ignore_index is None:
         ignore_index = -100
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        raise TypeError(f"ignore_index must be an int or None, got {shown(ignore_index)}")
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
@@ -306,9 +306,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
             raise TypeError(f"chunk_size must be an int (rows per chunk) or None, "
-                            f"got {chunk_size!r}")
+                            f"got {shown(chunk_size)}")
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (rows per chunk), got {chunk_size!r}")
+            raise ValueError(f"chunk_size must be >= 1 (rows per chunk), got {shown(chunk_size)}")
     return ops.linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
                                     int(ignore_index), reduction, label_smoothing, z_loss,
                                     softcap, chunk_size, backend)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusedopt.backends._plain import check_storage, plain
+from fusedopt.backends._plain import check_storage, plain, shown
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
@@ -137,7 +137,7 @@ def scales(op: str, t, device: torch.device) -> torch.Tensor:
 
 def ignore_index(op: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: ignore_index must be an int, got {value!r}")
+        raise TypeError(f"{op}: ignore_index must be an int, got {shown(value)}")
     if not INT64_MIN <= int(value) <= INT64_MAX:
         raise ValueError(f"{op}: ignore_index must fit in int64 ([{INT64_MIN}, {INT64_MAX}]), "
                          f"got {value}")
@@ -150,7 +150,7 @@ def softcap(op: str, value) -> float | None:
     value = float(value)
     if not SOFTCAP_MIN <= value <= SOFTCAP_MAX:
         raise ValueError(f"{op}: softcap must be None or in [2**-126, 2**64] "
-                         f"([{SOFTCAP_MIN:.4g}, {SOFTCAP_MAX:.4g}]), got {value!r}")
+                         f"([{SOFTCAP_MIN:.4g}, {SOFTCAP_MAX:.4g}]), got {shown(value)}")
     return value
 
 
@@ -159,7 +159,7 @@ def fp32_finite(op: str, name: str, value) -> float:
     value = float(value)
     if math.isnan(value) or abs(value) > FP32_MAX:
         raise ValueError(f"{op}: {name} must be finite in fp32 (|{name}| <= {FP32_MAX:g}), "
-                         f"got {value!r}")
+                         f"got {shown(value)}")
     return value
 
 
@@ -240,7 +240,7 @@ def vocab_shard(op: str, logits, target, weight, coefs=None, *, class_offset, nu
                              f"{coefs.stride()}")
     for name, value in (("class_offset", class_offset), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+            raise TypeError(f"{op}: {name} must be an int, got {shown(value)}")
     if not (0 <= class_offset and class_offset + n_cols <= num_classes <= INT64_MAX
             and num_classes >= 1):
         raise ValueError(f"{op}: the local classes [class_offset, class_offset + C_local) = "

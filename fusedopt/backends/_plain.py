@@ -57,3 +57,19 @@ def check_storage(t: torch.Tensor, name: str) -> None:
                          f"shape {tuple(t.shape)}, strides {t.stride()}, offset "
                          f"{t.storage_offset()}; the storage holds {have}): was the storage "
                          f"freed or resized?")
+
+
+def shown(value) -> str:
+    """``repr(value)`` for an error message, without reading tensor data: a tensor (also in a
+    tuple or list) is described by its type, shape, dtype and device -- the repr of a view
+    of a freed storage would read out of bounds."""
+    if isinstance(value, torch.Tensor):
+        try:
+            return (f"a {type(value).__name__} of shape {tuple(value.shape)}, {value.dtype} "
+                    f"on {value.device}")
+        except Exception:  # a subclass whose metadata cannot be read
+            return f"a {type(value).__name__}"
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        inner = ", ".join(map(shown, value))
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    return repr(value)

@@ -146,9 +146,10 @@ def focal_loss_fwd(logits, target, alpha, scales, *, gamma, ignore_index, label_
     if alpha is not None:
         q = q * alpha.to(x.dtype)
     u_pow = u.pow(gamma)
-    # Terms with alpha_c q_c = 0 contribute nothing, even where log p = -inf.  A negative
+    # Terms with alpha_c q_c = 0 contribute nothing, even where log p = -inf (but a NaN
+    # log p -- a row of all -inf logits, or holding a NaN -- keeps the row NaN).  A negative
     # alpha_c is used as the formula stands (docs/losses.md).
-    terms = torch.where(q != 0, q * u_pow * log_p, 0.0)
+    terms = torch.where((q != 0) | torch.isnan(log_p), q * u_pow * log_p, 0.0)
     row_loss = -scale * terms.sum(dim=1)
     grad = None
     if need_grad:

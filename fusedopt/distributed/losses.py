@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from fusedopt import functional as _checks
 from fusedopt.backends._loss_boundary import SOFTCAP_MAX, SOFTCAP_MIN
+from fusedopt.backends._plain import shown
 from fusedopt.ops import _dtensor, vocab_parallel as _op
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -38,11 +39,11 @@ def _class_range(n_local, rank, size, class_offset, num_classes) -> tuple[int, i
         return rank * n_local, size * n_local
     if class_offset is None or num_classes is None:
         raise ValueError(f"class_offset and num_classes go together (an uneven split needs "
-                         f"both), got class_offset={class_offset!r}, "
-                         f"num_classes={num_classes!r}")
+                         f"both), got class_offset={shown(class_offset)}, "
+                         f"num_classes={shown(num_classes)}")
     for name, value in (("class_offset", class_offset), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {value!r}")
+            raise TypeError(f"{name} must be an int, got {shown(value)}")
     if class_offset < 0 or class_offset + n_local > num_classes:
         raise ValueError(f"this rank's classes [class_offset, class_offset + C_local) = "
                          f"[{class_offset}, {class_offset + n_local}) must lie in "
@@ -91,15 +92,15 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, weight=None,
         _checks._check_memory("weight", weight)
     _checks._check_number("z_loss", z_loss, low=0.0)
     if not math.isfinite(float(z_loss)):
-        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+        raise ValueError(f"z_loss must be finite, got {shown(z_loss)}")
     _checks._check_fp32_range("z_loss", z_loss, 0.0, _checks._FP32.max)
     if softcap is not None:
         _checks._check_number("softcap", softcap, low=0.0, low_open=True)
         if not math.isfinite(float(softcap)):
-            raise ValueError(f"softcap must be finite or None, got {softcap!r}")
+            raise ValueError(f"softcap must be finite or None, got {shown(softcap)}")
         _checks._check_fp32_range("softcap", softcap, SOFTCAP_MIN, SOFTCAP_MAX)
     if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+        raise TypeError(f"inplace_backward must be a bool, got {shown(inplace_backward)}")
     return _op.vocab_parallel_cross_entropy(
         local_logits, target, name, class_offset, num_classes, weight, int(ignore_index),
         reduction, label_smoothing, z_loss, softcap, inplace_backward, backend)

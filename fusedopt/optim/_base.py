@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 
 from fusedopt import backends
 from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.backends._plain import shown
 from fusedopt.optim import _checks, _distributed, _ops, _traced
 from fusedopt.optim._plan import prepare
 from fusedopt.optim._scalars import amp_scalar, on_device
@@ -72,7 +73,7 @@ class FusedOptimizer(StateMixin, Optimizer):
         _checks.flag("skip_nonfinite", skip_nonfinite)
         _checks.flag("master_weights", master_weights)
         if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a backend name or None, got {backend!r}")
+            raise TypeError(f"backend must be a backend name or None, got {shown(backend)}")
         if backend is not None and backend not in backends.NAMES:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(backends.NAMES)}")
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)

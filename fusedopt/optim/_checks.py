@@ -14,6 +14,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.backends._plain import shown
 from fusedopt.optim import _distributed
 
 # the param dtypes the optimizers train: the kernels' (fp32 states), and the wide ones that
@@ -33,7 +34,7 @@ def group_number(group: dict, key: str) -> float:
     a TypeError naming it, before anything runs."""
     value = group[key]
     if not _is_real(value):
-        raise TypeError(f"{key} must be a number, got {value!r}")
+        raise TypeError(f"{key} must be a number, got {shown(value)}")
     return in_fp32_range(float(value), key)
 
 
@@ -63,14 +64,14 @@ def _scalar(name, value, *, tensor_ok):
     """The float value of a number (or, when allowed, of a one-element float tensor)."""
     if torch.is_tensor(value):
         if not tensor_ok:
-            raise TypeError(f"{name} must be a Python number, got a tensor {value!r}")
+            raise TypeError(f"{name} must be a Python number, got {shown(value)}")
         if value.numel() != 1 or not value.is_floating_point():
             raise TypeError(f"{name} as a tensor must have one floating-point element, "
                             f"got shape {tuple(value.shape)} dtype {value.dtype}")
         readable_scalar(value, name)
         v = float(value.detach().reshape(()).item())
     elif not _is_real(value):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise TypeError(f"{name} must be a number, got {shown(value)}")
     else:
         v = float(value)
     return in_fp32_range(v, name)
@@ -96,16 +97,16 @@ def real(name, value):
 
 def betas(value):
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {value!r}")
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {shown(value)}")
     for i, beta in enumerate(value):
         v = _scalar(f"betas[{i}]", beta, tensor_ok=True)
         if not 0.0 <= v < 1.0:
-            raise ValueError(f"invalid betas[{i}]: {v!r} (expected a value in [0, 1)); betas={value!r}")
+            raise ValueError(f"invalid betas[{i}]: {v!r} (expected a value in [0, 1)); betas={shown(value)}")
 
 
 def flag(name, value):
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise TypeError(f"{name} must be a bool, got {shown(value)}")
 
 
 def torch_keywords(group, optimizer):
@@ -116,7 +117,7 @@ def torch_keywords(group, optimizer):
     for name in ("foreach", "fused"):
         value = group.get(name)
         if value is not None and not isinstance(value, bool):
-            raise TypeError(f"{name} must be None or a bool, got {value!r}")
+            raise TypeError(f"{name} must be None or a bool, got {shown(value)}")
     if "capturable" in group:
         flag("capturable", group["capturable"])
     differentiable = group.get("differentiable", False)
@@ -140,7 +141,7 @@ def nesterov(nesterov_flag, momentum, dampening):
     flag("nesterov", nesterov_flag)
     if nesterov_flag and (momentum <= 0 or dampening != 0):
         raise ValueError(f"nesterov=True requires momentum > 0 and dampening == 0, "
-                         f"got momentum={momentum!r}, dampening={dampening!r}")
+                         f"got momentum={shown(momentum)}, dampening={shown(dampening)}")
 
 
 def param(p):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.backends._plain import shown
 from fusedopt.backends import lean_math as lm
 from fusedopt.optim import _distributed
 
@@ -47,19 +48,19 @@ def check_options(group) -> None:
     """The lean options of a param group (constructor defaults or a group's overrides)."""
     state_dtype = group["state_dtype"]
     if not isinstance(state_dtype, torch.dtype):
-        raise TypeError(f"state_dtype must be a torch.dtype, got {state_dtype!r}")
+        raise TypeError(f"state_dtype must be a torch.dtype, got {shown(state_dtype)}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"invalid state_dtype: {state_dtype} (expected torch.float32, "
                          f"torch.bfloat16 or torch.int8)")
     rounding = group["param_rounding"]
     if not isinstance(rounding, str):
-        raise TypeError(f"param_rounding must be a string, got {rounding!r}")
+        raise TypeError(f"param_rounding must be a string, got {shown(rounding)}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"invalid param_rounding: {rounding!r} (expected 'nearest' or "
                          f"'stochastic')")
     seed = group["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+        raise TypeError(f"seed must be an int, got {shown(seed)}")
     if not 0 <= seed < 2 ** 32:
         raise ValueError(f"invalid seed: {seed} (expected an integer in [0, 2**32))")
     if group["amsgrad"] and (state_dtype != _F32 or rounding == "stochastic"):

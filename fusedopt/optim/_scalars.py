@@ -9,6 +9,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.backends._plain import shown
 from fusedopt.optim._checks import in_fp32_range, readable_scalar
 
 _F32 = torch.float32
@@ -35,7 +36,7 @@ def hyper(value, device, name="lr"):
     another accelerator is copied without blocking the host."""
     if not isinstance(value, torch.Tensor):
         if not isinstance(value, Real) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
+            raise TypeError(f"{name} must be a number or a one-element tensor, got {shown(value)}")
         return in_fp32_range(float(value), name)
     if value.numel() != 1 or not value.is_floating_point() or type(value) not in boundary.PLAIN_TYPES:
         raise TypeError(f"{name} as a tensor must be a plain one-element floating-point tensor, "

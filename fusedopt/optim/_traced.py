@@ -32,6 +32,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends import _optim_boundary as boundary
+from fusedopt.backends._plain import shown
 from fusedopt.optim import _checks, _distributed, _ops  # noqa: F401  (_ops registers torch.ops.fusedopt.*)
 from fusedopt.optim._scalars import on_device
 
@@ -206,7 +207,7 @@ def scalar(value, name):
                             f"{tuple(value.shape)}, {value.dtype}")
         return 0.0, value
     if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {shown(value)}")
     return float(value), None
 
 

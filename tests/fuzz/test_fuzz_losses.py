@@ -138,8 +138,8 @@ def focal_reference(x, target, alpha, gamma, ignore_index, reduction, label_smoo
                                                                           dtype=torch.float64))
     aq = a * q
     # terms with a_c q_c = 0 are 0 (also at a -inf logit); masked before any product, so no
-    # NaN reaches their (zero) gradient
-    terms = aq * u.pow(gamma) * torch.where(aq == 0, 0.0, logp)
+    # NaN reaches their (zero) gradient -- but a NaN log p (a row of all -inf logits) stays
+    terms = aq * u.pow(gamma) * torch.where((aq == 0) & ~torch.isnan(logp), 0.0, logp)
     loss = torch.where(valid, -terms.sum(1), 0.0)
     if reduction == "none":
         return loss.reshape(target.shape), x64

@@ -9,6 +9,7 @@
   and state bit-identical -- never another exception, never a crash.
 Every fusedopt call runs in the worker process (worker.py)."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def _clip(grads, max_norm):
     if max_norm is None:
         return grads
     total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)) if grads else 0.0
-    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    coef = max_norm / (float(total) + 1e-6)
+    coef = coef if math.isnan(coef) else min(1.0, coef)  # torch.clamp keeps a NaN coefficient
     return [g * coef for g in grads]
 
 

@@ -12,7 +12,10 @@ public API, against torch (float64) or the documented rule:
   compute right (cross_entropy refuses them);
 - a view of a freed storage (as FSDP frees memory) given to a loss: (N, C, d..) inputs were
   read out of bounds by the reshape before any kernel boundary, and the `torch` backend
-  read it too; now refused by the public layer (run in a subprocess)."""
+  read it too; now refused by the public layer (run in a subprocess);
+- focal_loss with a zero class weight on a row whose logits are all -inf: the torch and
+  cpu backends gave 0 (the zero weight masked the term), triton NaN; the rule is NaN
+  (the row's softmax is undefined, as F.cross_entropy's NaN with a zero weight)."""
 
 import os
 import subprocess
@@ -27,6 +30,24 @@ from conftest import require_op
 from loss_helpers import IGNORE
 
 NAN = float("nan")
+
+
+@pytest.mark.parametrize("gamma", (0.0, 2.0))
+def test_focal_row_of_all_minus_inf_logits_is_nan_whatever_its_weights(backend, gamma):
+    device = require_op(backend, "focal_loss")
+    x = torch.tensor([[float("-inf")] * 3, [0.5, float("-inf"), 1.0]], device=device)
+    y = torch.tensor([1, 1], device=device)
+    alpha = torch.tensor([1.0, 0.0, 2.0], device=device)
+    rows = fo.focal_loss(x, y, alpha=alpha, gamma=gamma, reduction="none", backend=backend)
+    # torch: a zero weight does not make an undefined softmax defined
+    assert torch.isnan(F.cross_entropy(x[:1].cpu().double(), y[:1].cpu(),
+                                       weight=alpha.cpu().double(), reduction="sum"))
+    assert torch.isnan(rows[0])
+    # a zero-weight class at a -inf logit in a row with finite logits contributes 0
+    p = torch.softmax(x[1].double().cpu(), 0)
+    assert float(rows[1]) == 0.0 and float(p[1]) == 0.0
+    for a in (0.0, None):
+        assert torch.isnan(fo.focal_loss(x[:1], y[:1], alpha=a, gamma=gamma, backend=backend))
 
 
 @pytest.mark.parametrize("column", (0, 5, 16, 17))

@@ -348,7 +348,9 @@ FO_LOSS_HD FocalTerms focal_terms(float log_p, float alpha_q, float gamma) {
   const float term = alpha_q * pw * log_p;
   FocalTerms f;
   f.p = p;
-  f.loss = alpha_q == 0.0f ? 0.0f : term;
+  // a zero weight makes the term 0, also at log p = -inf; a NaN log p (a row of all -inf
+  // logits, or holding a NaN) keeps the row's loss NaN
+  f.loss = (alpha_q == 0.0f && log_p == log_p) ? 0.0f : term;
   f.v = alpha_q * pw * (1.0f - gamma * ratio);
   return f;
 }
