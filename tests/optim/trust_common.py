@@ -57,10 +57,8 @@ def device_of(backend):
                         else "cpu")
 
 
-def refused(opt, ps, action, exc, pattern):
-    """``action()`` raises ``exc`` matching ``pattern`` and changes nothing."""
-    before = snapshot(opt, ps) + [opt.skipped_steps.clone(), opt.last_grad_norm.clone()]
-    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+def raises(action, exc, pattern):
+    """``action()`` raises ``exc`` with a message matching ``pattern``."""
     try:
         action()
     except exc as e:
@@ -68,6 +66,13 @@ def refused(opt, ps, action, exc, pattern):
             raise AssertionError(f"message {str(e)!r} does not match {pattern!r}") from None
     else:
         raise AssertionError(f"no {exc.__name__} raised")
+
+
+def refused(opt, ps, action, exc, pattern):
+    """``action()`` raises ``exc`` matching ``pattern`` and changes nothing."""
+    before = snapshot(opt, ps) + [opt.skipped_steps.clone(), opt.last_grad_norm.clone()]
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    raises(action, exc, pattern)
     assert_bit_identical(before, snapshot(opt, ps) + [opt.skipped_steps, opt.last_grad_norm])
     assert groups == [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 

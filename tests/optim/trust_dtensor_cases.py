@@ -56,6 +56,20 @@ def _bits(opt, ps):
     return out
 
 
+def _twin_steps(ps, plain, kw, dev):
+    """FusedAdamW(**kw) over the DTensor params and over their plain copies, 3 steps of the
+    same gradients under a LossScaler each; the two optimizers."""
+    opts = fo.optim.FusedAdamW(ps, **kw), fo.optim.FusedAdamW(plain, **kw)
+    scalers = fo.amp.LossScaler(init_scale=2.0**4), fo.amp.LossScaler(init_scale=2.0**4)
+    for k in range(3):
+        _grads(ps, plain, k, scale=16.0)
+        for opt, scaler in zip(opts, scalers):
+            scaler.scale(torch.ones((), device=dev))
+            scaler.step(opt)
+            scaler.update()
+    return opts
+
+
 def _refused(opt, ps, action, exc, pattern):
     before = _bits(opt, ps)
     try:
@@ -104,14 +118,7 @@ def dtensor_params_step_bit_identically_to_plain_ones(b):
     ps = [torch.nn.Parameter(p.detach().bfloat16()) for p in ps]
     plain = [q.detach().bfloat16().requires_grad_() for q in plain]
     kw = dict(lr=1e-2, amsgrad=True, master_weights=True, max_grad_norm=0.5, backend=b)
-    opts = fo.optim.FusedAdamW(ps, **kw), fo.optim.FusedAdamW(plain, **kw)
-    scalers = fo.amp.LossScaler(init_scale=2.0**4), fo.amp.LossScaler(init_scale=2.0**4)
-    for k in range(3):
-        _grads(ps, plain, k, scale=16.0)
-        for opt, scaler in zip(opts, scalers):
-            scaler.scale(torch.ones((), device=dev))
-            scaler.step(opt)
-            scaler.update()
+    opts = _twin_steps(ps, plain, kw, dev)
     for p, q in zip(ps, plain):
         assert torch.equal(p.full_tensor().view(torch.int16), q.detach().view(torch.int16))
         for key, value in opts[1].state[q].items():
@@ -139,14 +146,7 @@ def dtensor_lean_states_step_bit_identically_to_plain_ones(b):
         ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in ps]
         plain = [q.detach().to(dtype).requires_grad_() for q in plain]
         kw = dict(kw, lr=1e-2, max_grad_norm=0.5, seed=11, backend=b)
-        opts = fo.optim.FusedAdamW(ps, **kw), fo.optim.FusedAdamW(plain, **kw)
-        scalers = fo.amp.LossScaler(init_scale=2.0**4), fo.amp.LossScaler(init_scale=2.0**4)
-        for k in range(3):
-            _grads(ps, plain, k, scale=16.0)
-            for opt, scaler in zip(opts, scalers):
-                scaler.scale(torch.ones((), device=dev))
-                scaler.step(opt)
-                scaler.update()
+        opts = _twin_steps(ps, plain, kw, dev)
         for p, q in zip(ps, plain):
             assert torch.equal(p.to_local().view(torch.int16 if dtype != torch.float32
                                                  else torch.int32),

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 
 import fusedopt as fo
 from optim_helpers import assert_bit_identical, snapshot
-from trust_common import (BF16, BIG, F32, Sub, case, device_of, load_refused, step_refused,
-                          stepped_adam, stepped_sgd)
+from trust_common import (BF16, BIG, F32, Sub, case, device_of, load_refused, raises,
+                          step_refused, stepped_adam, stepped_sgd)
 
 # ------------------------------------------------------------------ checkpoints
 
@@ -177,16 +176,6 @@ def _freed_like(t):
     return view
 
 
-def _raises(action, exc, pattern):
-    try:
-        action()
-    except exc as e:
-        if not re.search(pattern, str(e)):
-            raise AssertionError(f"message {str(e)!r} does not match {pattern!r}") from None
-    else:
-        raise AssertionError(f"no {exc.__name__} raised")
-
-
 @case
 def step_counter_in_a_freed_storage_while_its_entry_is_hidden(b):
     """Found by the fuzz suite: ``param in optimizer.state`` read the step counter of an
@@ -200,7 +189,7 @@ def step_counter_in_a_freed_storage_while_its_entry_is_hidden(b):
     before = snapshot(opt, ps)
     entry["step"] = _freed_like(good)
     assert ps[0] in opt.state and len(opt.state) == len(ps)
-    _raises(opt.step, ValueError, r"\['step'\] reaches past the end of its storage")
+    raises(opt.step, ValueError, r"\['step'\] reaches past the end of its storage")
     entry["step"] = good
     assert_bit_identical(before, snapshot(opt, ps))
 
@@ -215,13 +204,13 @@ def lean_moment_to_convert_in_a_freed_storage(b):
     before = snapshot(opt, ps)
     opt.param_groups[0]["state_dtype"] = torch.int8
     entry["exp_avg"] = _freed_like(good)
-    _raises(opt.step, ValueError, r"\['exp_avg'\] reaches past the end of its storage")
+    raises(opt.step, ValueError, r"\['exp_avg'\] reaches past the end of its storage")
     entry["exp_avg"] = good
     opt.param_groups[0]["state_dtype"] = torch.bfloat16
     assert_bit_identical(before, snapshot(opt, ps))
     sd = opt.state_dict()
     sd["state"][1] = dict(sd["state"][1], exp_avg=_freed_like(good))
-    _raises(lambda: fo.optim.dequantize_state_dict(sd), ValueError,
+    raises(lambda: fo.optim.dequantize_state_dict(sd), ValueError,
             r"state\[1\]\['exp_avg'\] reaches past the end of its storage")
 
 
@@ -237,7 +226,7 @@ def values_read_on_the_host_in_a_freed_storage(b):
                        ("betas", torch.tensor(0.9))):
         good = group[key]
         group[key] = (_freed_like(value), good[1]) if key == "betas" else _freed_like(value)
-        _raises(opt.step, ValueError, r"(lr|betas\[0\]) reaches past the end of its storage")
+        raises(opt.step, ValueError, r"(lr|betas\[0\]) reaches past the end of its storage")
         group[key] = good
     try:
         fo.optim.FusedAdamW(ps, lr=_freed_like(torch.tensor(1e-2)), backend=b)
@@ -249,10 +238,10 @@ def values_read_on_the_host_in_a_freed_storage(b):
     entry = opt._fo_state[ps[2]]
     good = entry["step"]
     entry["step"] = _freed_like(good.double())
-    _raises(opt.step, ValueError, r"\['step'\] reaches past the end of its storage")
+    raises(opt.step, ValueError, r"\['step'\] reaches past the end of its storage")
     entry["step"] = good
     opt.grad_scale = _freed_like(torch.tensor(1.0, device=ps[0].device))
-    _raises(opt.step, ValueError, r"optimizer.grad_scale reaches past the end of its storage")
+    raises(opt.step, ValueError, r"optimizer.grad_scale reaches past the end of its storage")
     del opt.grad_scale
     assert_bit_identical(before, snapshot(opt, ps))
     opt.step()
@@ -264,11 +253,11 @@ def loss_scaler_values_in_a_freed_storage(b):
     refused before anything reads them (``loss * scale`` on such a view crashes torch)."""
     dev = device_of(b)
     scaler = fo.amp.LossScaler(init_scale=4.0)
-    _raises(lambda: scaler.scale(_freed_like(torch.ones((), device=dev))), ValueError,
+    raises(lambda: scaler.scale(_freed_like(torch.ones((), device=dev))), ValueError,
             "the tensor to scale reaches past the end of its storage")
     loss = scaler.scale(torch.ones((), device=dev))
     assert float(loss) == 4.0
     sd = scaler.state_dict()
-    _raises(lambda: scaler.load_state_dict(dict(sd, scale=_freed_like(torch.ones(())))),
+    raises(lambda: scaler.load_state_dict(dict(sd, scale=_freed_like(torch.ones(())))),
             ValueError, "LossScaler state 'scale' reaches past the end of its storage")
     assert scaler.state_dict() == sd
