@@ -109,6 +109,15 @@ def flag(name, value):
         raise TypeError(f"{name} must be a bool, got {shown(value)}")
 
 
+def group_flag(group: dict, key: str) -> bool:
+    """A param group's flag (``amsgrad``, ``maximize``, ...) read at a step: a value set
+    after construction that is not a bool is a TypeError naming it (never its truth value
+    read: a tensor's would read its memory)."""
+    value = group[key]
+    flag(key, value)
+    return value
+
+
 def torch_keywords(group, optimizer):
     """torch's ``foreach`` / ``fused`` / ``capturable`` choose among torch's implementations:
     accepted with torch's types, they choose nothing here (the backend runs every step fused

@@ -63,7 +63,7 @@ def check_options(group) -> None:
         raise TypeError(f"seed must be an int, got {shown(seed)}")
     if not 0 <= seed < 2 ** 32:
         raise ValueError(f"invalid seed: {seed} (expected an integer in [0, 2**32))")
-    if group["amsgrad"] and (state_dtype != _F32 or rounding == "stochastic"):
+    if group["amsgrad"] is True and (state_dtype != _F32 or rounding == "stochastic"):
         raise ValueError(f"amsgrad=True needs state_dtype=torch.float32 and "
                          f"param_rounding='nearest' (got state_dtype={state_dtype}, "
                          f"param_rounding={rounding!r})")

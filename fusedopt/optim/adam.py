@@ -19,6 +19,7 @@ from fusedopt.backends import _lean_tables
 from fusedopt.backends import _optim_boundary as boundary
 from fusedopt.optim import _checks, _distributed, _lean, _loading, _traced
 from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._checks import group_flag as _flag
 from fusedopt.optim._checks import group_number as _number
 from fusedopt.optim._scalars import hyper
 from fusedopt.optim._plan import (LOW_PRECISION, STATE_KEY, entry_of, master_copy, state_zeros,
@@ -88,7 +89,7 @@ class FusedAdam(FusedOptimizer):
         return step is not None
 
     def _layout(self, group):
-        return (bool(group["amsgrad"]), self.master_weights, group["state_dtype"],
+        return (_flag(group, "amsgrad"), self.master_weights, group["state_dtype"],
                 group["param_rounding"])
 
     def _state_lists(self, b, pending):
@@ -104,7 +105,7 @@ class FusedAdam(FusedOptimizer):
             "exp_avg_sqs": (converted.get("exp_avg_sq")
                             or vector_state(self, b, "exp_avg_sq", pending, state_zeros)),
             "max_exp_avg_sqs": (vector_state(self, b, "max_exp_avg_sq", pending, state_zeros)
-                                if b.group["amsgrad"] else None),
+                                if _flag(b.group, "amsgrad") else None),
             "master_params": (vector_state(self, b, "master_param", pending, master_copy)
                               if masters else None),
             "steps": step_state(self, b, pending),
@@ -130,14 +131,14 @@ class FusedAdam(FusedOptimizer):
         args = dict(lr=hyper(group["lr"], device, "lr"), beta1=hyper(beta1, device, "betas[0]"),
                     beta2=hyper(beta2, device, "betas[1]"), eps=_number(group, "eps"),
                     weight_decay=_number(group, "weight_decay"),
-                    maximize=bool(group["maximize"]),
-                    decoupled=bool(group["decoupled_weight_decay"]))
+                    maximize=_flag(group, "maximize"),
+                    decoupled=_flag(group, "decoupled_weight_decay"))
         if "streams" in b.lists:
             _lean.check_options(group)  # the values may have been changed since construction
             args.update(stochastic_rounding=group["param_rounding"] == "stochastic",
                         seed=group["seed"])
         else:
-            args["amsgrad"] = bool(group["amsgrad"])
+            args["amsgrad"] = _flag(group, "amsgrad")
         return args
 
     def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
@@ -158,7 +159,7 @@ class FusedAdam(FusedOptimizer):
         masters = self.master_weights and b.dtype in LOW_PRECISION
         if _lean.is_lean(b.group, b.dtype, masters):
             return self._traced_lean_lists(b, masters)
-        amsgrad = b.group["amsgrad"]
+        amsgrad = _flag(b.group, "amsgrad")
         lists = b.lists = {"exp_avgs": [], "exp_avg_sqs": [], "max_exp_avg_sqs": [],
                            "master_params": [], "steps": []}
         for p, where in zip(b.params, b.wheres):
@@ -220,10 +221,10 @@ class FusedAdam(FusedOptimizer):
                   *_traced.scalar(beta2, "betas[1]"), _number(group, "eps"),
                   _number(group, "weight_decay"))
         if "streams" in b.lists:
-            return (*common, bool(group["maximize"]), bool(group["decoupled_weight_decay"]),
+            return (*common, _flag(group, "maximize"), _flag(group, "decoupled_weight_decay"),
                     group["param_rounding"] == "stochastic", group["seed"])
-        return (*common, bool(group["amsgrad"]), bool(group["maximize"]),
-                bool(group["decoupled_weight_decay"]))
+        return (*common, _flag(group, "amsgrad"), _flag(group, "maximize"),
+                _flag(group, "decoupled_weight_decay"))
 
     def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists

@@ -16,6 +16,7 @@ import torch
 
 from fusedopt.optim import _checks, _traced
 from fusedopt.optim._base import FusedOptimizer
+from fusedopt.optim._checks import group_flag as _flag
 from fusedopt.optim._checks import group_number as _number
 from fusedopt.optim._scalars import hyper
 from fusedopt.optim._plan import LOW_PRECISION, master_copy, state_zeros, vector_state
@@ -59,7 +60,7 @@ class FusedSGD(FusedOptimizer):
         return record is not None and bool(record[1] > 0)
 
     def _layout(self, group):
-        return group["momentum"] != 0
+        return _number(group, "momentum") != 0
 
     def _state_lists(self, b, pending):
         """Momentum buffers, masters and the "holds a value" flags.  A buffer the optimizer
@@ -71,7 +72,7 @@ class FusedSGD(FusedOptimizer):
         if self.master_weights and b.dtype in LOW_PRECISION:
             masters = vector_state(self, b, "master_param", pending, master_copy)
         buffers = None
-        if b.group["momentum"] != 0:
+        if _number(b.group, "momentum") != 0:
             buffers = vector_state(self, b, "momentum_buffer", pending, state_zeros)
         flags = [torch.zeros((), dtype=_F32, device=p.device) for p in b.keys]
         tracked = buffers if buffers is not None else masters
@@ -103,7 +104,7 @@ class FusedSGD(FusedOptimizer):
         return dict(lr=hyper(group["lr"], b.device, "lr"), momentum=_number(group, "momentum"),
                     dampening=_number(group, "dampening"),
                     weight_decay=_number(group, "weight_decay"),
-                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+                    nesterov=_flag(group, "nesterov"), maximize=_flag(group, "maximize"))
 
     def _run_bucket(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists
@@ -116,7 +117,7 @@ class FusedSGD(FusedOptimizer):
 
     def _traced_lists(self, b):
         """As `_state_lists`, read from optimizer.state by the traced step."""
-        momentum = b.group["momentum"] != 0
+        momentum = _number(b.group, "momentum") != 0
         masters = self.master_weights and b.dtype in LOW_PRECISION
         lists = b.lists = {"momentum_buffers": [], "master_params": [], "initialized": []}
         for p, where in zip(b.params, b.wheres):
@@ -150,7 +151,7 @@ class FusedSGD(FusedOptimizer):
         group = b.group
         return (*_traced.scalar(group["lr"], "lr"), _number(group, "momentum"),
                 _number(group, "dampening"), _number(group, "weight_decay"),
-                bool(group["nesterov"]), bool(group["maximize"]))
+                _flag(group, "nesterov"), _flag(group, "maximize"))
 
     def _traced_run(self, b, hyper, inv_scale, clip_coef, skip):
         lists = b.lists

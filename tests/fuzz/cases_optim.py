@@ -238,10 +238,10 @@ def _swap_grad(params, edit):
 
 
 def _edit_hyper(opt, edit):
-    what, index, key, how = edit  # key in 0..7 (strategies_optim.edit_spec)
+    what, index, key, how = edit  # key in 0..11 (strategies_optim.edit_spec)
     group = opt.param_groups[index % len(opt.param_groups)]
     name = ("lr", "eps", "weight_decay", "betas", "momentum", "max_grad_norm", "state_dtype",
-            "seed")[key % 8]
+            "seed", "amsgrad", "maximize", "nesterov", "dampening")[key % 12]
     if name not in group:
         return
     group[name] = {"nan": float("nan"), "negative": -1.0, "string": "fast", "inf": float("inf"),

@@ -99,6 +99,6 @@ def edit_spec(draw, backend):
     spec = draw(optim_spec(backend, lean=True))
     spec.update(specials=(), scaler=None, steps=draw(st.integers(2, 3)), grad_scale=1.0)
     kind = draw(st.sampled_from(sorted(EDITS)))
-    spec["edit"] = (kind, draw(st.integers(0, 7)), draw(st.integers(0, 7)),
+    spec["edit"] = (kind, draw(st.integers(0, 7)), draw(st.integers(0, 11)),
                     draw(st.sampled_from(EDITS[kind])))
     return spec

@@ -218,7 +218,8 @@ def lean_moment_to_convert_in_a_freed_storage(b):
 def values_read_on_the_host_in_a_freed_storage(b):
     """Found by the fuzz suite: values the step reads or converts before the kernel
     boundary sees them -- a tensor lr or beta (checked and moved to the params' device), a
-    step counter of another dtype (converted to fp32), GradScaler's grad_scale -- as
+    step counter of another dtype (converted to fp32), GradScaler's grad_scale, a group
+    flag or number whose truth or value was tested, an error message's repr of it -- as
     views of a freed storage were read (SIGSEGV).  Each is refused, nothing changed."""
     ps, opt = stepped_adam(b)
     group = opt.param_groups[0]
@@ -243,8 +244,21 @@ def values_read_on_the_host_in_a_freed_storage(b):
     opt.grad_scale = _freed_like(torch.tensor(1.0, device=ps[0].device))
     raises(opt.step, ValueError, r"optimizer.grad_scale reaches past the end of its storage")
     del opt.grad_scale
+    for key in ("amsgrad", "maximize", "decoupled_weight_decay", "eps"):  # never truth-tested
+        good = group[key]
+        group[key] = _freed_like(torch.tensor(1.0))
+        raises(opt.step, TypeError, rf"{key} must be a (bool|number), got a Tensor of shape")
+        group[key] = good
     assert_bit_identical(before, snapshot(opt, ps))
     opt.step()
+    ps, opt = stepped_sgd(b)
+    before = snapshot(opt, ps)
+    for key in ("momentum", "nesterov", "dampening"):
+        good = opt.param_groups[0][key]
+        opt.param_groups[0][key] = _freed_like(torch.tensor(0.5))
+        raises(opt.step, TypeError, rf"{key} must be a (bool|number), got a Tensor of shape")
+        opt.param_groups[0][key] = good
+    assert_bit_identical(before, snapshot(opt, ps))
 
 
 @case
