@@ -52,7 +52,10 @@ def _combine(stats, target, weight, local_sum_w, scales, all_reduce, num_classes
     all_reduce(row_max, "max")
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)
     local_max = stats[:, 0]
-    empty = local_max == float("-inf")  # no finite logit here: its gap terms are inf already
+    # no finite logit here: its gap terms are inf already.  A shard whose max skipped NaN
+    # logits (the compiled kernels' max ignores them) has a NaN exp-sum: not empty, so the
+    # NaN reaches the row's sums
+    empty = (local_max == float("-inf")) & ~torch.isnan(stats[:, 1])
     rescaled = torch.where(empty, 0.0, stats[:, 1] * torch.exp(local_max - shift))
     lift = torch.where(empty, 0.0, row_max - local_max)
     if soft_target:

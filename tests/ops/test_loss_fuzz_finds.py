@@ -15,7 +15,9 @@ public API, against torch (float64) or the documented rule:
   read it too; now refused by the public layer (run in a subprocess);
 - focal_loss with a zero class weight on a row whose logits are all -inf: the torch and
   cpu backends gave 0 (the zero weight masked the term), triton NaN; the rule is NaN
-  (the row's softmax is undefined, as F.cross_entropy's NaN with a zero weight)."""
+  (the row's softmax is undefined, as F.cross_entropy's NaN with a zero weight);
+- vocab-parallel: a shard whose logits in a row are all NaN was taken for a shard without
+  finite logits by the ranks' combination (its NaN exp-sum dropped): a finite row loss."""
 
 import os
 import subprocess
@@ -105,6 +107,26 @@ def test_nan_logit_first_in_its_lane_vocab_parallel(backend, column):
     y[0] = column + 1
     losses, grad = emulate(backends.get(backend), x, y, None, [0, 20, 40])
     assert torch.isnan(losses[0][0]) and torch.isfinite(losses[0][1:][y[1:] != IGNORE]).all()
+
+
+@pytest.mark.parametrize("target", (0, 1, 2))
+def test_vocab_parallel_shard_of_only_nan_logits_keeps_the_row_nan(backend, target):
+    """A shard whose logits in a row are all NaN: the compiled kernels' row max skips NaN
+    (-inf), and the combination took the shard for one without finite logits, dropping
+    its NaN exp-sum -- the row's loss came out finite (0) where torch gives NaN."""
+    from vocab_parallel_helpers import emulate
+
+    device = require_op(backend, "vocab_parallel_cross_entropy")
+    from fusedopt import backends
+
+    x = torch.tensor([[NAN, 123.0, -4.0], [0.5, 1.0, 2.0]], device=device)
+    y = torch.tensor([target, 1], device=device)
+    want = F.cross_entropy(x.cpu().double(), y.cpu(), reduction="none")
+    losses, grad = emulate(backends.get(backend), x.clone(), y, None, [0, 1, 3])
+    for row_losses in losses:
+        assert torch.isnan(row_losses[0]) and torch.isnan(want[0])
+        torch.testing.assert_close(row_losses[1:].double().cpu(), want[1:], rtol=1e-6, atol=1e-6)
+    assert torch.isnan(grad[0]).all() and torch.isfinite(grad[1]).all()
 
 
 def test_ignored_soft_capped_nan_row_has_a_zero_vocab_parallel_gradient(backend):
