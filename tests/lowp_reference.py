@@ -53,7 +53,8 @@ def sgd(params, grads_per_step, *, lr, momentum=0.0, dampening=0.0, weight_decay
             x = p.to(F32)
             d = g.to(p.device, F32)
             d = -d if maximize else d
-            d = d + weight_decay * x
+            if weight_decay:  # as torch's SGD: no 0 * x term (NaN at an infinite param)
+                d = d + weight_decay * x
             if momentum:
                 bufs[i] = d.clone() if bufs[i] is None else bufs[i] * momentum + (1 - dampening) * d
                 d = d + momentum * bufs[i] if nesterov else bufs[i]
