@@ -28,6 +28,7 @@ from numbers import Real
 import torch
 
 from fusedopt.backends._plain import PLAIN_TYPES, check_storage, shown
+from fusedopt.optim._checks import readable_scalar
 from fusedopt.optim._distributed import all_reduce_sum, local
 
 _F32 = torch.float32
@@ -60,7 +61,7 @@ def _loaded(key, value):
             raise TypeError(f"LossScaler state {key!r} must be a number or a plain "
                             f"one-element real tensor, got {type(value).__name__} of shape "
                             f"{tuple(value.shape)} on {value.device}")
-        check_storage(value, f"LossScaler state {key!r}")
+        readable_scalar(value, f"LossScaler state {key!r}")
         value = value.detach().reshape(()).item()
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"LossScaler state {key!r} must be a number, got {shown(value)}")

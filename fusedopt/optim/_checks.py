@@ -285,10 +285,7 @@ def step_count(value, p, what):
             if shard.numel() != 1:
                 raise ValueError(f"{what} must hold one number, got a DTensor of shape "
                                  f"{tuple(value.shape)}")
-            if shard.layout != torch.strided or shard.device.type == "meta":
-                raise ValueError(f"{what} must hold one number in memory, got a "
-                                 f"{shard.layout} tensor on {shard.device}")
-            boundary.check_storage(shard, what)  # before the conversion reads it
+            readable_scalar(shard, what)  # before the conversion reads it
             value = shard.detach().reshape(()).to(p.device, torch.float32, copy=True)
             return value, True
         boundary.local_tensor(value, what)

@@ -210,8 +210,7 @@ class FusedAdam(FusedOptimizer):
             lists["exp_avg_absmaxes"] = lists["exp_avg_sq_absmaxes"] = None
         if not masters:
             lists["master_params"] = None
-        offset = sum(len(g["params"]) for g in self.param_groups[:b.gi])
-        lists["streams"] = [offset + j for j in b.positions]
+        lists["streams"] = self._lean_streams(b.gi, b.positions, b.params)
         b.backend = self._lean_backend_for(b.device).NAME
 
     def _traced_hyper(self, b):
@@ -281,7 +280,6 @@ class FusedAdam(FusedOptimizer):
             for key in moments:
                 moments[key].append(new[key] if key in new else entry.get(key))
         quantized = state_dtype == torch.int8
-        offset = sum(len(g["params"]) for g in self.param_groups[:b.gi])
         b.lists = {
             "exp_avgs": moments["exp_avg"], "exp_avg_sqs": moments["exp_avg_sq"],
             "exp_avg_absmaxes": moments["exp_avg_absmax"] if quantized else None,
@@ -289,8 +287,7 @@ class FusedAdam(FusedOptimizer):
             "master_params": (vector_state(self, b, "master_param", pending, master_copy)
                               if masters else None),
             "steps": step_state(self, b, pending),
-            "streams": [_lean.stream_id(offset + j, key_p)
-                        for j, key_p in zip(b.positions, b.keys)],
+            "streams": self._lean_streams(b.gi, b.positions, b.keys),
         }
         keys = (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq"),
                 ("exp_avg_absmaxes", "exp_avg_absmax"),
@@ -299,6 +296,12 @@ class FusedAdam(FusedOptimizer):
         b.state_lists = tuple((key, b.lists[name]) for name, key in keys
                               if b.lists[name] is not None)
         b.backend = self._lean_backend_for(b.device)
+
+    def _lean_streams(self, gi, positions, params) -> list:
+        """The random stream of each param of a lean bucket (``_lean.stream_id`` of its
+        position over the optimizer's param groups)."""
+        offset = sum(len(g["params"]) for g in self.param_groups[:gi])
+        return [_lean.stream_id(offset + j, p) for j, p in zip(positions, params)]
 
     def _lean_to_fp32(self, b, pending) -> dict:
         """Lean moments (bf16 / 8-bit) of a bucket that now runs with fp32 states, converted
@@ -432,14 +435,11 @@ class FusedAdamW(FusedAdam):
 
 
 def _readable(t) -> bool:
-    """Whether the host may read ``t``'s values: a plain strided tensor with data inside its
-    storage (a step counter the user replaced may be a view of a freed storage)."""
-    if type(t) not in boundary.PLAIN_TYPES or t.layout != torch.strided \
-            or t.device.type == "meta":
-        return False
+    """Whether the host may read ``t``'s values (a step counter the user replaced may be a
+    view of a freed storage)."""
     try:
-        boundary.check_storage(t, "a step counter")
-    except ValueError:
+        _checks.readable_scalar(t, "a step counter")
+    except (TypeError, ValueError):
         return False
     return True
 
